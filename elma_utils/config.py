@@ -1,0 +1,140 @@
+"""Profiles (smoke / cpu / full), paths and environment variables.
+
+One place decides how big a run is, so notebooks, the CLI and tests agree on it.
+Environment variables override paths: ``ELMA_DATA_DIR`` (SQuAD json files),
+``ELMA_ARTIFACTS_DIR`` (trained models), ``ELMA_REPORTS_DIR`` (reports/),
+``ELMA_PROFILE`` (default profile name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = PROJECT_ROOT.parent / "shared"
+DEFAULT_PROFILE = "cpu"
+
+
+def data_dir() -> Path:
+    """SQuAD directory: $ELMA_DATA_DIR, else ../shared/data/squad, else data/squad."""
+    env = os.environ.get("ELMA_DATA_DIR")
+    if env:
+        return Path(env)
+    shared = SHARED_DIR / "data" / "squad"
+    if shared.is_dir():
+        return shared
+    return PROJECT_ROOT / "data" / "squad"
+
+
+def albert_spm_path() -> Path:
+    """ALBERT's 30k SentencePiece model: $ELMA_ALBERT_SPM, else ../shared/data/albert/30k-clean.model."""
+    env = os.environ.get("ELMA_ALBERT_SPM")
+    if env:
+        return Path(env)
+    return SHARED_DIR / "data" / "albert" / "30k-clean.model"
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("ELMA_ARTIFACTS_DIR", PROJECT_ROOT / "artifacts"))
+
+
+def reports_dir() -> Path:
+    return Path(os.environ.get("ELMA_REPORTS_DIR", PROJECT_ROOT / "reports"))
+
+
+def cache_dir() -> Path:
+    """Where precomputed features (numpy arrays) are kept between runs."""
+    return Path(os.environ.get("ELMA_CACHE_DIR", PROJECT_ROOT / "data" / "cache"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """How big a run is. Every size knob of the pipeline lives here."""
+
+    name: str
+    backbone: str  # "minilm" (pretrained weights) or "tiny-bert" (random, for smoke)
+    max_seq_len: int
+    doc_stride: int
+    max_query_len: int
+    train_examples: int | None  # None = every train question
+    eval_examples: int | None  # None = the whole dev file
+    batch_size: int
+    learning_rate: float
+    warmup_fraction: float
+    weight_decay: float
+    epochs: float
+    v2_unanswerable_ratio: float  # made-up unanswerable examples per answerable one (v2 training)
+    checkpoint_every: int  # optimizer steps between resumable checkpoints
+    eval_batch_size: int = 64
+    seed: int = 13
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    # CI / nbval: a tiny random BERT and a few dozen questions; the whole pipeline in minutes.
+    "smoke": Profile(
+        name="smoke",
+        backbone="tiny-bert",
+        max_seq_len=128,
+        doc_stride=64,
+        max_query_len=48,
+        train_examples=64,
+        eval_examples=48,
+        batch_size=16,
+        learning_rate=1e-3,
+        warmup_fraction=0.1,
+        weight_decay=0.01,
+        epochs=1.0,
+        v2_unanswerable_ratio=0.5,
+        checkpoint_every=2,
+        eval_batch_size=32,
+    ),
+    # Real results on 2 CPU cores: MiniLM fine-tuned on a SQuAD v1.1 subset, whole dev sets evaluated.
+    "cpu": Profile(
+        name="cpu",
+        backbone="minilm",
+        max_seq_len=384,
+        doc_stride=128,
+        max_query_len=64,
+        train_examples=38000,
+        eval_examples=None,
+        batch_size=32,
+        learning_rate=1.2e-4,
+        warmup_fraction=0.1,
+        weight_decay=0.01,
+        epochs=1.0,
+        v2_unanswerable_ratio=0.15,
+        checkpoint_every=100,
+    ),
+    # Whole SQuAD v1.1 train, several epochs; meant for a GPU machine.
+    "full": Profile(
+        name="full",
+        backbone="minilm",
+        max_seq_len=384,
+        doc_stride=128,
+        max_query_len=64,
+        train_examples=None,
+        eval_examples=None,
+        batch_size=32,
+        learning_rate=1e-4,
+        warmup_fraction=0.1,
+        weight_decay=0.01,
+        epochs=3.0,
+        v2_unanswerable_ratio=0.0,
+        checkpoint_every=500,
+        eval_batch_size=256,
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Profile by name (default: $ELMA_PROFILE or 'cpu'); unknown names list the known ones."""
+    name = name or os.environ.get("ELMA_PROFILE", DEFAULT_PROFILE)
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None

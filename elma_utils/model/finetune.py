@@ -1,0 +1,116 @@
+"""The `elma train` job: SQuAD examples → features → fine-tuned span model artifact."""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from pathlib import Path
+
+import keras
+
+from elma_utils import config as cfg
+from elma_utils.model import artifacts
+from elma_utils.model.precision import set_policy, training_policy
+from elma_utils.model.qa_model import SpanQAModel
+from elma_utils.model.training import fit_span_model
+from elma_utils.squad.data import SquadExample, load_squad, make_unanswerable
+from elma_utils.squad.features import cached_features, span_recovery_rate
+
+
+def training_examples(profile: cfg.Profile, data_dir: Path | None = None) -> list[SquadExample]:
+    """SQuAD v1.1 train questions (a seeded random subset when the profile says so),
+    plus made-up unanswerable ones when ``v2_unanswerable_ratio`` > 0."""
+    examples = load_squad("1.1", "train", data_dir=data_dir).examples
+    if profile.train_examples is not None and profile.train_examples < len(examples):
+        rng = random.Random(profile.seed)
+        keep = sorted(rng.sample(range(len(examples)), profile.train_examples))
+        examples = [examples[i] for i in keep]
+    if profile.v2_unanswerable_ratio > 0:
+        examples = examples + make_unanswerable(examples, profile.v2_unanswerable_ratio, seed=profile.seed)
+    return examples
+
+
+def finetune(
+    profile: cfg.Profile,
+    name: str | None = None,
+    *,
+    data_dir: Path | None = None,
+    out_dir: Path | None = None,
+    precision: str = "auto",
+    verbose: int | str = "auto",
+) -> Path:
+    """Train (or resume, or skip when finished) the full QA model; returns its artifact dir."""
+    name = name or f"{profile.backbone}-{profile.name}"
+    out = Path(out_dir or cfg.artifacts_dir() / name)
+    if (out / artifacts.WEIGHTS_FILE).is_file():
+        print(f"{out} is already trained; delete it (or pass another --name) to train again")
+        return out
+    policy = training_policy(precision)
+    set_policy(policy)
+    keras.utils.set_random_seed(profile.seed)
+    tokenizer = artifacts.tokenizer_for(profile.backbone)
+    examples = training_examples(profile, data_dir)
+    t0 = time.time()
+    feats = cached_features(
+        examples,
+        tokenizer,
+        cfg.cache_dir(),
+        max_seq_len=profile.max_seq_len,
+        doc_stride=profile.doc_stride,
+        max_query_len=profile.max_query_len,
+    )
+    feature_seconds = time.time() - t0
+    recovery = span_recovery_rate(examples, feats)
+    print(f"{len(examples)} examples → {len(feats)} features; labelled spans recovered: {recovery['rate']:.4f}")
+
+    backbone, kwargs = artifacts.build_backbone(profile.backbone)
+    model = SpanQAModel(backbone)
+    model.build_for()
+    out.mkdir(parents=True, exist_ok=True)
+    train_stats = fit_span_model(
+        model,
+        feats,
+        batch_size=profile.batch_size,
+        epochs=profile.epochs,
+        learning_rate=profile.learning_rate,
+        warmup_fraction=profile.warmup_fraction,
+        weight_decay=profile.weight_decay,
+        checkpoint_every=profile.checkpoint_every,
+        checkpoint_dir=out / "checkpoints",
+        seed=profile.seed,
+        log_csv=out / "train_log.csv",
+        verbose=verbose,
+    )
+    set_policy("float32")
+    config = {
+        "name": name,
+        "backbone": {"kind": "bert" if profile.backbone != "albert" else "albert", "kwargs": kwargs},
+        "source": profile.backbone,
+        "max_seq_len": profile.max_seq_len,
+        "doc_stride": profile.doc_stride,
+        "max_query_len": profile.max_query_len,
+        "profile": profile.to_dict(),
+        "trained_with": {
+            "keras_backend": keras.backend.backend(),
+            "keras": keras.__version__,
+            "policy": policy,
+            "python": platform.python_version(),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    artifacts.save_artifact(out, model, tokenizer, config)
+    artifacts.update_metrics(
+        out,
+        "train",
+        {
+            **train_stats,
+            "examples": len(examples),
+            "unanswerable_examples": sum(e.is_impossible for e in examples),
+            "feature_seconds": round(feature_seconds, 1),
+            "span_recovery": recovery,
+            "parameters": int(model.count_params()),
+            "policy": policy,
+        },
+    )
+    return out

@@ -1,0 +1,121 @@
+"""Fine-tuning the span QA model: resumable, checkpointed, backend-neutral.
+
+Training is cut into chunks of ``checkpoint_every`` steps (Keras "epochs"). After each
+chunk the weights *and* optimizer state are written atomically with the step count, so
+an interrupted run resumes at the next chunk with the same data order (the batch plan
+is deterministic) instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import keras
+
+from elma_utils.model.batching import py_dataset, tf_dataset, training_plan
+from elma_utils.model.schedule import adamw
+from elma_utils.squad.features import QAFeatures
+
+CKPT_WEIGHTS = "ckpt.weights.h5"
+CKPT_STATE = "state.json"
+
+
+def span_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def compile_for_training(model: keras.Model, peak_lr: float, total_steps: int, warmup_steps: int, weight_decay: float):
+    model.compile(
+        optimizer=adamw(peak_lr, total_steps, warmup_steps, weight_decay),
+        loss={"start_logits": span_loss(), "end_logits": span_loss()},
+        loss_weights={"start_logits": 0.5, "end_logits": 0.5},
+        jit_compile=False,  # XLA was slower on this CPU (NOTES.md)
+    )
+
+
+class ChunkCheckpoint(keras.callbacks.Callback):
+    """Save weights + optimizer state and the number of finished chunks, atomically."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = Path(directory)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / ("tmp-" + CKPT_WEIGHTS)
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.directory / CKPT_WEIGHTS)
+        state = {"chunks_done": epoch + 1, "time": time.time(), "logs": {k: float(v) for k, v in (logs or {}).items()}}
+        tmp_state = self.directory / ("tmp-" + CKPT_STATE)
+        tmp_state.write_text(json.dumps(state))
+        os.replace(tmp_state, self.directory / CKPT_STATE)
+
+
+def resume_state(directory: Path) -> int:
+    """Chunks already finished by an earlier run (0 when starting fresh)."""
+    state = Path(directory) / CKPT_STATE
+    if state.is_file() and (Path(directory) / CKPT_WEIGHTS).is_file():
+        return int(json.loads(state.read_text())["chunks_done"])
+    return 0
+
+
+def fit_span_model(
+    model: keras.Model,
+    features: QAFeatures,
+    *,
+    batch_size: int,
+    epochs: float,
+    learning_rate: float,
+    warmup_fraction: float,
+    weight_decay: float,
+    checkpoint_every: int,
+    checkpoint_dir: Path,
+    seed: int = 13,
+    log_csv: Path | None = None,
+    verbose: int | str = "auto",
+) -> dict:
+    """Train ``model`` on ``features``; resumes from ``checkpoint_dir`` when it holds a run."""
+    steps_per_epoch = len(features) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(features)} features cannot fill one batch of {batch_size}")
+    total_steps = max(1, int(round(steps_per_epoch * epochs)))
+    chunk = max(1, min(checkpoint_every, total_steps))
+    n_chunks = math.ceil(total_steps / chunk)
+    total_steps = n_chunks * chunk
+    plan = training_plan(features.lengths, batch_size, features.max_seq_len, total_steps, seed)
+
+    compile_for_training(model, learning_rate, total_steps, int(warmup_fraction * total_steps), weight_decay)
+    done = resume_state(checkpoint_dir)
+    if done:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(Path(checkpoint_dir) / CKPT_WEIGHTS)
+        print(f"resuming after {done}/{n_chunks} chunks ({done * chunk} of {total_steps} steps)")
+    remaining = plan[done * chunk :]
+    data = tf_dataset(features, remaining) if keras.backend.backend() == "tensorflow" else py_dataset(features, remaining)
+    callbacks: list[keras.callbacks.Callback] = [ChunkCheckpoint(checkpoint_dir)]
+    if log_csv is not None:
+        callbacks.append(keras.callbacks.CSVLogger(str(log_csv), append=bool(done)))
+    t0 = time.time()
+    if done < n_chunks:
+        model.fit(
+            data,
+            epochs=n_chunks,
+            initial_epoch=done,
+            steps_per_epoch=chunk,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    seconds = time.time() - t0
+    return {
+        "total_steps": total_steps,
+        "steps_this_run": len(remaining),
+        "resumed_from_step": done * chunk,
+        "train_features": len(features),
+        "batch_size": batch_size,
+        "seconds_this_run": round(seconds, 1),
+        "features_per_second": round(len(remaining) * batch_size / max(seconds, 1e-9), 2),
+    }
