@@ -83,7 +83,7 @@ PROFILES: dict[str, Profile] = {
         doc_stride=64,
         max_query_len=48,
         train_examples=64,
-        eval_examples=48,
+        eval_examples=240,
         batch_size=16,
         learning_rate=1e-3,
         warmup_fraction=0.1,
@@ -138,3 +138,12 @@ def get_profile(name: str | None = None) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
+
+
+def reports_dir_for(profile: str) -> Path:
+    """Where a profile's reports go: reports/ for the default profile (committed results),
+    reports/profiles/<name>/ for the others, so a smoke run never overwrites real numbers."""
+    if os.environ.get("ELMA_REPORTS_DIR"):
+        return Path(os.environ["ELMA_REPORTS_DIR"])
+    root = PROJECT_ROOT / "reports"
+    return root if profile == DEFAULT_PROFILE else root / "profiles" / profile

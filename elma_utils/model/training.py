@@ -77,6 +77,7 @@ def fit_span_model(
     seed: int = 13,
     log_csv: Path | None = None,
     verbose: int | str = "auto",
+    extra_callbacks: list | None = None,
 ) -> dict:
     """Train ``model`` on ``features``; resumes from ``checkpoint_dir`` when it holds a run."""
     steps_per_epoch = len(features) // batch_size
@@ -99,6 +100,7 @@ def fit_span_model(
     callbacks: list[keras.callbacks.Callback] = [ChunkCheckpoint(checkpoint_dir)]
     if log_csv is not None:
         callbacks.append(keras.callbacks.CSVLogger(str(log_csv), append=bool(done)))
+    callbacks.extend(extra_callbacks or [])
     t0 = time.time()
     if done < n_chunks:
         model.fit(

@@ -1,0 +1,299 @@
+"""Run ``notebooks/NN_*.ipynb`` in order, headless, with papermill.
+
+Each notebook gets ``profile`` (and any extra parameters) injected after its cell tagged
+``parameters``; the executed copy lands in ``reports/runs/<timestamp>-<profile>/``. A notebook
+that already finished for this profile, unchanged (same sha256), is skipped unless ``force``;
+the record is ``reports/runs/state-<profile>.json``. The first failing notebook stops the run
+with :class:`PipelineError`, which names the notebook, the cell and the executed copy that
+holds the traceback. ``reports/REPORT.md`` is regenerated at the end (also after a failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from elma_utils import config, reporting
+
+KERNEL_NAME = "python3"
+NOTEBOOK_RE = re.compile(r"^(\d{2})_(.+)\.ipynb$")
+STATE_VERSION = 1
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class PipelineError(RuntimeError):
+    """A notebook failed (or could not be started); the message says which, where and why."""
+
+    def __init__(self, message: str, notebook: str | None = None, output: Path | None = None):
+        super().__init__(message)
+        self.notebook = notebook
+        self.output = output
+
+
+# ---------------------------------------------------------------- finding and choosing notebooks
+
+
+def find_notebooks(notebooks_dir: Path | None = None) -> list[Path]:
+    """``NN_*.ipynb`` files of the notebooks directory, in number order."""
+    directory = Path(notebooks_dir) if notebooks_dir is not None else config.PROJECT_ROOT / "notebooks"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"notebooks directory {directory} does not exist")
+    found = [p for p in directory.iterdir() if p.is_file() and NOTEBOOK_RE.match(p.name)]
+    return sorted(found, key=lambda p: (int(NOTEBOOK_RE.match(p.name).group(1)), p.name))
+
+
+def select_notebooks(notebooks: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
+    """Keep the notebooks named in ``only``: by number ("02"), stem ("02_finetune_full_model"),
+    name without the number ("finetune_full_model") or file name; order stays the pipeline's."""
+    if not only:
+        return list(notebooks)
+    wanted: set[Path] = set()
+    for raw in only:
+        token = str(raw).strip().removesuffix(".ipynb")
+        if not token:
+            continue
+        hits = [p for p in notebooks if token in _names_of(p)]
+        if not hits:
+            known = ", ".join(p.stem for p in notebooks) or "none"
+            raise ValueError(f"no notebook matches {raw!r}; notebooks: {known}")
+        wanted.update(hits)
+    return [p for p in notebooks if p in wanted]
+
+
+def _names_of(path: Path) -> set[str]:
+    m = NOTEBOOK_RE.match(path.name)
+    number, rest = m.group(1), m.group(2)
+    return {number, str(int(number)), path.stem, rest}
+
+
+# ---------------------------------------------------------------- kernel
+
+
+def check_kernel(name: str = KERNEL_NAME) -> Path:
+    """The kernelspec directory for ``name``; PipelineError when it is missing or runs another Python."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    fix = (
+        f"run `bash scripts/setup.sh`, or `{sys.executable} -m ipykernel install --sys-prefix --name {name}`"
+    )
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        raise PipelineError(f"no Jupyter kernel named {name!r} is installed; {fix}") from None
+    argv0 = spec.argv[0] if spec.argv else ""
+    # "python"/"python3"/"python3.11" are replaced by jupyter_client with this interpreter.
+    if os.path.isabs(argv0) and not Path(argv0).absolute().is_relative_to(Path(sys.prefix).absolute()):
+        raise PipelineError(
+            f"the Jupyter kernel {name!r} ({spec.resource_dir}) runs {argv0}, not this environment's "
+            f"Python ({sys.executable}), so notebooks would not see elma_utils; {fix}"
+        )
+    return Path(spec.resource_dir)
+
+
+# ---------------------------------------------------------------- state
+
+
+def state_path(profile: str, reports_dir: Path | None = None) -> Path:
+    root = Path(reports_dir) if reports_dir is not None else config.reports_dir()
+    return root / reporting.RUNS_DIR / f"state-{profile}.json"
+
+
+def load_state(profile: str, reports_dir: Path | None = None) -> dict[str, dict]:
+    """{notebook stem: {"sha256", "finished_at", "seconds", "output"}} of finished notebooks."""
+    path = state_path(profile, reports_dir)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        notebooks = data["notebooks"]
+        if not isinstance(notebooks, dict):
+            raise TypeError("'notebooks' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # A broken record only costs re-running; say so instead of failing.
+        print(f"pipeline: ignoring unreadable state file {path} ({exc}); every notebook will run")
+        return {}
+    return notebooks
+
+
+def _save_state(profile: str, notebooks: dict[str, dict], reports_dir: Path | None) -> None:
+    data = {"version": STATE_VERSION, "profile": profile, "notebooks": notebooks}
+    reporting._atomic_write_text(
+        state_path(profile, reports_dir), json.dumps(data, indent=2, sort_keys=True) + "\n"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_pipeline(
+    profile: str | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    notebooks_dir: Path | None = None,
+    reports_dir: Path | None = None,
+    extra_parameters: dict | None = None,
+) -> list[dict]:
+    """Run the notebooks in order; returns one dict per notebook:
+    ``{"name", "status": "ran" | "skipped", "seconds", "output"}``."""
+    profile_name = config.get_profile(profile).name  # ValueError for unknown names
+    notebooks = select_notebooks(find_notebooks(notebooks_dir), only)
+    if not notebooks:
+        raise FileNotFoundError(
+            f"no NN_*.ipynb notebooks in {notebooks_dir or config.PROJECT_ROOT / 'notebooks'}"
+        )
+    reports_root = Path(reports_dir) if reports_dir is not None else config.reports_dir()
+    parameters = {"profile": profile_name, **(extra_parameters or {})}
+    state = load_state(profile_name, reports_root)
+    run_dir: Path | None = None
+    results: list[dict] = []
+    total = len(notebooks)
+    try:
+        for i, nb_path in enumerate(notebooks, 1):
+            name = nb_path.stem
+            digest = file_sha256(nb_path)
+            done = state.get(name)
+            if not force and done and done.get("sha256") == digest:
+                print(f"[{i}/{total}] {name}: skipped (finished {done.get('finished_at')}, unchanged)")
+                results.append(
+                    {
+                        "name": name,
+                        "status": "skipped",
+                        "seconds": 0.0,
+                        "output": done.get("output"),
+                    }
+                )
+                continue
+            if run_dir is None:
+                check_kernel()
+                run_dir = _new_run_dir(reports_root, profile_name)
+            output = run_dir / nb_path.name
+            print(f"[{i}/{total}] {name}: running (profile {profile_name}) → {output}", flush=True)
+            state.pop(name, None)
+            _save_state(profile_name, state, reports_root)
+            seconds = _execute(nb_path, output, parameters, reports_root, profile_name)
+            state[name] = {
+                "sha256": digest,
+                "finished_at": _now_iso(),
+                "seconds": round(seconds, 3),
+                "output": str(output),
+            }
+            _save_state(profile_name, state, reports_root)
+            print(f"[{i}/{total}] {name}: finished in {seconds:.1f} s", flush=True)
+            results.append({"name": name, "status": "ran", "seconds": seconds, "output": str(output)})
+    except PipelineError:
+        _report_quietly(reports_root, profile_name)
+        raise
+    report = reporting.write_report(reports_root, profile=profile_name)
+    print(f"pipeline: report written to {report}")
+    return results
+
+
+def _execute(nb_path: Path, output: Path, parameters: dict, reports_root: Path, profile: str) -> float:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    name = nb_path.stem
+    t0 = time.perf_counter()
+    with _environment(ELMA_PROFILE=profile, ELMA_REPORTS_DIR=str(reports_root)):
+        try:
+            papermill.execute_notebook(
+                str(nb_path),
+                str(output),
+                parameters=parameters,
+                kernel_name=KERNEL_NAME,
+                progress_bar=True,
+                cwd=str(config.PROJECT_ROOT),
+            )
+        except PapermillExecutionError as exc:
+            raise PipelineError(_failure_message(name, output, exc), notebook=name, output=output) from exc
+        except Exception as exc:  # kernel died, timed out, could not start, bad notebook json ...
+            where = f"; the partly executed copy is {output}" if output.is_file() else ""
+            raise PipelineError(
+                f"notebook {name} could not be run: {type(exc).__name__}: {exc}{where}",
+                notebook=name,
+                output=output if output.is_file() else None,
+            ) from exc
+    return time.perf_counter() - t0
+
+
+def _failure_message(name: str, output: Path, exc: Any) -> str:
+    cell_number = _original_cell_number(output, exc.cell_index)
+    where = f"cell {cell_number}" if cell_number is not None else f"cell index {exc.cell_index}"
+    first_line = next((ln for ln in str(exc.source).splitlines() if ln.strip()), "").strip()
+    evalue = _ANSI_RE.sub("", str(exc.evalue)).strip()
+    lines = [
+        f"notebook {name} failed in {where} (In [{exc.exec_count}]): {exc.ename}: {evalue}",
+        f"  cell starts: {first_line[:100]}",
+        f"  the executed copy with the full traceback: {output}",
+    ]
+    return "\n".join(lines)
+
+
+def _original_cell_number(output: Path, cell_index: int) -> int | None:
+    """1-based number of the failing cell in the notebook as written (without the injected cells)."""
+    try:
+        import nbformat
+
+        nb = nbformat.read(str(output), as_version=4)
+    except Exception:
+        return None
+    # papermill puts an error banner cell first when it saves a failed run.
+    cells = [c for c in nb.cells if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    if not 0 <= cell_index < len(cells):
+        return None
+    injected = sum(
+        1 for c in cells[:cell_index] if "injected-parameters" in c.get("metadata", {}).get("tags", [])
+    )
+    return cell_index - injected + 1
+
+
+def _report_quietly(reports_root: Path, profile: str) -> None:
+    try:
+        reporting.write_report(reports_root, profile=profile)
+    except Exception as exc:  # never hide the notebook failure behind a report failure
+        print(f"pipeline: could not write the report: {exc}", file=sys.stderr)
+
+
+def _new_run_dir(reports_root: Path, profile: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = reports_root / reporting.RUNS_DIR / f"{stamp}-{profile}"
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables (inherited by the kernel) for the duration of a notebook."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,82 @@
+"""Tokenizers with character offsets: ids and offsets agree with an independent tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from elma_utils.model.tokenizers import QATokenizer, minilm_vocab_path, pre_tokenize
+from elma_utils.squad.metrics import normalize_answer
+
+UNICODE_TEXTS = [
+    "Café naïve résumé — Zürich, 1990s!",
+    "Beyoncé's 2003 album “Dangerously in Love” sold 11 million copies.",
+    "東京 is Tokyo; 北京 is Beijing.",
+    "Tabs\tand\nnewlines  and\u00a0nbsp, emoji 🎉 and soft\u00adhyphen.",
+    "ﬁnal ligature and Ångström and İstanbul",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(minilm_vocab_path().parent))
+
+
+def test_wordpiece_ids_and_offsets_match_huggingface_on_dev(dev_v11, minilm_tokenizer, hf_tokenizer):
+    contexts = list(dict.fromkeys(e.context for e in dev_v11.examples))[:150]
+    questions = [e.question for e in dev_v11.examples[:300]]
+    texts = contexts + questions + UNICODE_TEXTS
+    mismatches = []
+    for text, (ids, offs) in zip(texts, minilm_tokenizer.encode_with_offsets(texts), strict=True):
+        ref = hf_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if ids.tolist() != ref["input_ids"] or [tuple(o) for o in offs.tolist()] != [
+            tuple(o) for o in ref["offset_mapping"]
+        ]:
+            mismatches.append(text[:60])
+    assert mismatches == []
+
+
+def test_offsets_slice_the_original_text(minilm_tokenizer):
+    for text in UNICODE_TEXTS:
+        ids, offs = minilm_tokenizer.encode_with_offsets([text])[0]
+        assert len(ids) == len(offs) > 0
+        assert (offs[:, 0] <= offs[:, 1]).all() and (offs[:, 1] <= len(text)).all()
+        assert (np.diff(offs[:, 0]) >= 0).all()  # monotone
+        for tid, (s, e) in zip(ids, offs, strict=True):
+            piece = minilm_tokenizer.id_to_token(tid).removeprefix("##")
+            if piece != "[UNK]" and text[s:e].isascii():
+                assert text[s:e].lower() == piece
+
+
+def test_pre_tokenize_maps_accented_characters_back():
+    words = pre_tokenize("Ça va, Zoë?")
+    assert [w.text for w in words] == ["ca", "va", ",", "zoe", "?"]
+    assert [(w.char_map[0], w.char_map[-1] + 1) for w in words] == [(0, 2), (3, 5), (5, 6), (7, 10), (10, 11)]
+
+
+def test_sentencepiece_offsets_cover_words(albert_tokenizer):
+    text = "Super Bowl 50 was an American football game in Zürich."
+    ids, offs = albert_tokenizer.encode_with_offsets([text])[0]
+    pieces = [albert_tokenizer.id_to_token(i) for i in ids]
+    assert pieces[:3] == ["▁super", "▁bowl", "▁50"]
+    spans = [text[s:e] for s, e in offs]
+    assert spans[:3] == ["Super", "Bowl", "50"]
+    assert normalize_answer("".join(spans)) == normalize_answer(text.replace(" ", ""))
+    assert albert_tokenizer.cls_id == 2 and albert_tokenizer.sep_id == 3 and albert_tokenizer.pad_id == 0
+
+
+def test_assets_round_trip(tmp_path, minilm_tokenizer):
+    minilm_tokenizer.save_assets(tmp_path / "tok")
+    again = QATokenizer.from_assets(tmp_path / "tok")
+    assert again.encode("Hello world").tolist() == minilm_tokenizer.encode("Hello world").tolist()
+
+
+def test_bad_tokenizer_inputs_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocabulary not found"):
+        QATokenizer("wordpiece", tmp_path / "missing.txt")
+    (tmp_path / "v.txt").write_text("[PAD]\n")
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        QATokenizer("bpe", tmp_path / "v.txt")
+    with pytest.raises(FileNotFoundError, match="not a saved ELMA tokenizer"):
+        QATokenizer.from_assets(tmp_path)
