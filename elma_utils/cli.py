@@ -12,11 +12,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from elma_utils.config import get_profile
     from elma_utils.model.finetune import finetune
 
+    profile = get_profile(args.profile)
+    if args.backbone or args.backbone_source:
+        profile = dataclasses.replace(
+            profile,
+            backbone=args.backbone or profile.backbone,
+            backbone_source=args.backbone_source or profile.backbone_source,
+        )
     out = finetune(
-        get_profile(args.profile),
+        profile,
         args.name,
         data_dir=args.data_dir,
         out_dir=args.out,
@@ -44,7 +53,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from elma_utils.model.inference import QAModel
 
-    context = args.context if args.context is not None else Path(args.context_file).read_text(encoding="utf-8")
+    context = (
+        args.context if args.context is not None else Path(args.context_file).read_text(encoding="utf-8")
+    )
     answer = QAModel.load(args.model).answer(args.question, context)
     print(json.dumps(answer.to_dict(), indent=2) if args.json else answer.text)
     return 0
@@ -53,16 +64,22 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from elma_utils.bench.inference import benchmark_inference
 
-    result = benchmark_inference(args.model, seq_len=args.seq_len, runs=args.runs, eval_examples=args.eval_examples)
+    result = benchmark_inference(
+        args.model, seq_len=args.seq_len, runs=args.runs, eval_examples=args.eval_examples
+    )
     print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from elma_utils.pipeline import run_pipeline
+    from elma_utils.pipeline import PipelineError, run_pipeline
 
     only = args.only.split(",") if args.only else None
-    run_pipeline(profile=args.profile, only=only, force=args.force)
+    try:
+        run_pipeline(profile=args.profile, only=only, force=args.force)
+    except PipelineError as e:
+        print(f"elma pipeline: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -76,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=None, help="artifact directory (default: artifacts/<name>)")
     t.add_argument("--data-dir", type=Path, default=None, help="directory with the SQuAD json files")
     t.add_argument("--precision", default="auto", help="auto | float32 | mixed_bfloat16")
+    t.add_argument("--backbone", default=None, help="minilm | tiny-bert | albert (default: the profile's)")
+    t.add_argument(
+        "--backbone-source",
+        default=None,
+        help="ALBERT weights: keras-hub preset, Google checkpoint dir or TF-Hub module",
+    )
     t.add_argument("--verbose", default="auto", help="Keras verbosity: auto, 0, 1 or 2")
     t.set_defaults(func=_cmd_train)
 
@@ -84,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--version", default="1.1", choices=["1.1", "2.0"])
     e.add_argument("--data-dir", type=Path, default=None)
     e.add_argument("--limit", type=int, default=None, help="first N questions only")
-    e.add_argument("--out", type=Path, default=None, help="where predictions/scores go (default: <model>/eval)")
+    e.add_argument(
+        "--out", type=Path, default=None, help="where predictions/scores go (default: <model>/eval)"
+    )
     e.set_defaults(func=_cmd_evaluate)
 
     a = sub.add_parser("ask", help="answer one typed question about a context")

@@ -54,7 +54,7 @@ class Profile:
     """How big a run is. Every size knob of the pipeline lives here."""
 
     name: str
-    backbone: str  # "minilm" (pretrained weights) or "tiny-bert" (random, for smoke)
+    backbone: str  # "minilm" (pretrained weights), "tiny-bert" (random, for smoke) or "albert"
     max_seq_len: int
     doc_stride: int
     max_query_len: int
@@ -69,6 +69,7 @@ class Profile:
     checkpoint_every: int  # optimizer steps between resumable checkpoints
     eval_batch_size: int = 64
     seed: int = 13
+    backbone_source: str | None = None  # ALBERT weights: preset name, Google checkpoint or TF-Hub module
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,11 +1,13 @@
 """Run ``notebooks/NN_*.ipynb`` in order, headless, with papermill.
 
 Each notebook gets ``profile`` (and any extra parameters) injected after its cell tagged
-``parameters``; the executed copy lands in ``reports/runs/<timestamp>-<profile>/``. A notebook
-that already finished for this profile, unchanged (same sha256), is skipped unless ``force``;
-the record is ``reports/runs/state-<profile>.json``. The first failing notebook stops the run
+``parameters``, and runs with ``ELMA_PROFILE`` and ``ELMA_REPORTS_DIR`` set to the profile and
+its reports directory (``config.reports_dir_for``: reports/ for cpu, reports/profiles/<name>/
+otherwise). Executed copies land in ``<reports>/runs/<timestamp>-<profile>/``. A notebook that
+already finished for this profile, unchanged (same sha256), is skipped unless ``force``; the
+record is ``<reports>/runs/state-<profile>.json``. The first failing notebook stops the run
 with :class:`PipelineError`, which names the notebook, the cell and the executed copy that
-holds the traceback. ``reports/REPORT.md`` is regenerated at the end (also after a failure).
+holds the traceback. ``<reports>/REPORT.md`` is regenerated at the end (also after a failure).
 """
 
 from __future__ import annotations
@@ -102,9 +104,14 @@ def check_kernel(name: str = KERNEL_NAME) -> Path:
 # ---------------------------------------------------------------- state
 
 
+def reports_root(profile: str, reports_dir: Path | None = None) -> Path:
+    """``reports_dir`` if given, else the profile's reports directory (``config.reports_dir_for``:
+    $ELMA_REPORTS_DIR, reports/ for the default profile, reports/profiles/<name>/ otherwise)."""
+    return Path(reports_dir) if reports_dir is not None else config.reports_dir_for(profile)
+
+
 def state_path(profile: str, reports_dir: Path | None = None) -> Path:
-    root = Path(reports_dir) if reports_dir is not None else config.reports_dir()
-    return root / reporting.RUNS_DIR / f"state-{profile}.json"
+    return reports_root(profile, reports_dir) / reporting.RUNS_DIR / f"state-{profile}.json"
 
 
 def load_state(profile: str, reports_dir: Path | None = None) -> dict[str, dict]:
@@ -145,18 +152,22 @@ def run_pipeline(
     notebooks_dir: Path | None = None,
     reports_dir: Path | None = None,
     extra_parameters: dict | None = None,
+    stream_output: bool = True,
 ) -> list[dict]:
     """Run the notebooks in order; returns one dict per notebook:
-    ``{"name", "status": "ran" | "skipped", "seconds", "output"}``."""
+    ``{"name", "status": "ran" | "skipped", "seconds", "output"}``.
+
+    ``stream_output`` echoes what the cells print (training progress ...) to this process's
+    stdout/stderr while they run, besides keeping it in the executed copy."""
     profile_name = config.get_profile(profile).name  # ValueError for unknown names
     notebooks = select_notebooks(find_notebooks(notebooks_dir), only)
     if not notebooks:
         raise FileNotFoundError(
             f"no NN_*.ipynb notebooks in {notebooks_dir or config.PROJECT_ROOT / 'notebooks'}"
         )
-    reports_root = Path(reports_dir) if reports_dir is not None else config.reports_dir()
+    root = reports_root(profile_name, reports_dir)
     parameters = {"profile": profile_name, **(extra_parameters or {})}
-    state = load_state(profile_name, reports_root)
+    state = load_state(profile_name, root)
     run_dir: Path | None = None
     results: list[dict] = []
     total = len(notebooks)
@@ -178,44 +189,49 @@ def run_pipeline(
                 continue
             if run_dir is None:
                 check_kernel()
-                run_dir = _new_run_dir(reports_root, profile_name)
+                run_dir = _new_run_dir(root, profile_name)
             output = run_dir / nb_path.name
             print(f"[{i}/{total}] {name}: running (profile {profile_name}) → {output}", flush=True)
             state.pop(name, None)
-            _save_state(profile_name, state, reports_root)
-            seconds = _execute(nb_path, output, parameters, reports_root, profile_name)
+            _save_state(profile_name, state, root)
+            seconds = _execute(nb_path, output, parameters, root, profile_name, stream_output)
             state[name] = {
                 "sha256": digest,
                 "finished_at": _now_iso(),
                 "seconds": round(seconds, 3),
                 "output": str(output),
             }
-            _save_state(profile_name, state, reports_root)
+            _save_state(profile_name, state, root)
             print(f"[{i}/{total}] {name}: finished in {seconds:.1f} s", flush=True)
             results.append({"name": name, "status": "ran", "seconds": seconds, "output": str(output)})
     except PipelineError:
-        _report_quietly(reports_root, profile_name)
+        _report_quietly(root, profile_name)
         raise
-    report = reporting.write_report(reports_root, profile=profile_name)
+    report = reporting.write_report(root, profile=profile_name)
     print(f"pipeline: report written to {report}")
     return results
 
 
-def _execute(nb_path: Path, output: Path, parameters: dict, reports_root: Path, profile: str) -> float:
+def _execute(
+    nb_path: Path, output: Path, parameters: dict, root: Path, profile: str, stream_output: bool
+) -> float:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     name = nb_path.stem
     t0 = time.perf_counter()
-    with _environment(ELMA_PROFILE=profile, ELMA_REPORTS_DIR=str(reports_root)):
+    with _environment(ELMA_PROFILE=profile, ELMA_REPORTS_DIR=str(root)):
         try:
             papermill.execute_notebook(
                 str(nb_path),
                 str(output),
                 parameters=parameters,
                 kernel_name=KERNEL_NAME,
+                language="python",
                 progress_bar=True,
                 cwd=str(config.PROJECT_ROOT),
+                stdout_file=sys.stdout if stream_output else None,
+                stderr_file=sys.stderr if stream_output else None,
             )
         except PapermillExecutionError as exc:
             raise PipelineError(_failure_message(name, output, exc), notebook=name, output=output) from exc
@@ -260,16 +276,16 @@ def _original_cell_number(output: Path, cell_index: int) -> int | None:
     return cell_index - injected + 1
 
 
-def _report_quietly(reports_root: Path, profile: str) -> None:
+def _report_quietly(root: Path, profile: str) -> None:
     try:
-        reporting.write_report(reports_root, profile=profile)
+        reporting.write_report(root, profile=profile)
     except Exception as exc:  # never hide the notebook failure behind a report failure
         print(f"pipeline: could not write the report: {exc}", file=sys.stderr)
 
 
-def _new_run_dir(reports_root: Path, profile: str) -> Path:
+def _new_run_dir(root: Path, profile: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = reports_root / reporting.RUNS_DIR / f"{stamp}-{profile}"
+    base = root / reporting.RUNS_DIR / f"{stamp}-{profile}"
     candidate, n = base, 1
     while True:
         try:

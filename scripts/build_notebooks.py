@@ -22,83 +22,140 @@ def notebook(cells):
 
 PARAMS = (
     "code",
-    '# Parameters (papermill injects new values below this cell; nbval uses ELMA_PROFILE)\n'
+    "# Parameters (papermill injects new values below this cell; nbval uses ELMA_PROFILE)\n"
     'import os\n\nprofile = os.environ.get("ELMA_PROFILE", "cpu")\ndata_dir = None',
     ["parameters"],
 )
 
 NB01 = [
-    ("md", "# 01 · SQuAD data\n\nLoad and validate SQuAD v1.1 and v2.0, look at how long contexts are "
-           "against the model's window, and check that labelled token spans give back the answer text "
-           "for both tokenizers (WordPiece for MiniLM, SentencePiece for ALBERT)."),
+    (
+        "md",
+        "# 01 · SQuAD data\n\nLoad and validate SQuAD v1.1 and v2.0, look at how long contexts are "
+        "against the model's window, and check that labelled token spans give back the answer text "
+        "for both tokenizers (WordPiece for MiniLM, SentencePiece for ALBERT).",
+    ),
     PARAMS,
-    ("code", "import random\n\nfrom elma_utils import config, reporting\nfrom elma_utils.model.tokenizers import QATokenizer\n"
-             "from elma_utils.squad import stats\nfrom elma_utils.squad.data import load_squad, make_unanswerable, split_by_article\n"
-             "from elma_utils.squad.features import build_features, span_recovery_rate\n\n"
-             "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nP"),
-    ("md", "## Load and validate\nEvery answer is checked at its `answer_start`; bad examples are counted, not fatal."),
-    ("code", "limit = None if P.name != 'smoke' else 400\n"
-             "train = load_squad('1.1', 'train', data_dir=data_dir, limit=limit)\n"
-             "dev1 = load_squad('1.1', 'dev', data_dir=data_dir, limit=limit)\n"
-             "dev2 = load_squad('2.0', 'dev', data_dir=data_dir, limit=limit)\n"
-             "summary = {name: stats.dataset_summary(ds) for name, ds in "
-             "[('train-v1.1', train), ('dev-v1.1', dev1), ('dev-v2.0', dev2)]}\nsummary"),
-    ("code", "for name, ds in [('train-v1.1', train), ('dev-v1.1', dev1), ('dev-v2.0', dev2)]:\n"
-             "    print(name, ds.path, '| problems:', ds.report.n_bad, ds.report.problems[:3])"),
-    ("md", "## Context length against the window\nContexts longer than the window's room are cut into "
-           "overlapping windows (`doc_stride`)."),
-    ("code", "tok = QATokenizer.minilm()\nalbert = QATokenizer.albert()\n"
-             "lengths = {'dev-v1.1 WordPiece': stats.context_token_lengths(dev1.examples, tok),\n"
-             "           'dev-v1.1 SentencePiece': stats.context_token_lengths(dev1.examples, albert)}\n"
-             "fig = stats.plot_context_lengths(lengths, P.max_seq_len)\n"
-             "reporting.save_figure(fig, '01_context_lengths', REPORTS)\n"
-             "coverage = {k: round(stats.window_coverage(v, P.max_seq_len), 4) for k, v in lengths.items()}\ncoverage"),
-    ("md", "## Labelled spans give back the answer\nOver the whole train set (a sample in the smoke profile): "
-           "the share of answerable questions whose labelled token span, cut from the context through the "
-           "offsets, equals the answer text after SQuAD normalisation."),
-    ("code", "recovery = {}\nfor name, t in [('wordpiece', tok), ('sentencepiece', albert)]:\n"
-             "    feats = build_features(train.examples, t, max_seq_len=P.max_seq_len, doc_stride=P.doc_stride,\n"
-             "                           max_query_len=P.max_query_len)\n"
-             "    recovery[name] = {**span_recovery_rate(train.examples, feats), 'features': len(feats)}\nrecovery"),
-    ("md", "## Splits by article and made-up unanswerable questions\nNo v2.0 train set exists here, so "
-           "unanswerable training examples pair a question with another paragraph of its article."),
-    ("code", "fit, held_out = split_by_article(train.examples, 0.1, seed=P.seed)\n"
-             "overlap = {e.title for e in fit} & {e.title for e in held_out}\n"
-             "negatives = make_unanswerable(fit, 0.5, seed=P.seed)\n"
-             "split = {'fit_questions': len(fit), 'held_out_questions': len(held_out), 'title_overlap': len(overlap),\n"
-             "         'made_up_unanswerable': len(negatives)}\nassert not overlap\nsplit"),
+    (
+        "code",
+        "import random\n\nfrom elma_utils import config, reporting\nfrom elma_utils.model.tokenizers import QATokenizer\n"
+        "from elma_utils.squad import stats\nfrom elma_utils.squad.data import load_squad, make_unanswerable, split_by_article\n"
+        "from elma_utils.squad.features import build_features, span_recovery_rate\n\n"
+        "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nP",
+    ),
+    (
+        "md",
+        "## Load and validate\nEvery answer is checked at its `answer_start`; bad examples are counted, not fatal.",
+    ),
+    (
+        "code",
+        "limit = None if P.name != 'smoke' else 400\n"
+        "train = load_squad('1.1', 'train', data_dir=data_dir, limit=limit)\n"
+        "dev1 = load_squad('1.1', 'dev', data_dir=data_dir, limit=limit)\n"
+        "dev2 = load_squad('2.0', 'dev', data_dir=data_dir, limit=limit)\n"
+        "summary = {name: stats.dataset_summary(ds) for name, ds in "
+        "[('train-v1.1', train), ('dev-v1.1', dev1), ('dev-v2.0', dev2)]}\nsummary",
+    ),
+    (
+        "code",
+        "for name, ds in [('train-v1.1', train), ('dev-v1.1', dev1), ('dev-v2.0', dev2)]:\n"
+        "    print(name, ds.path, '| problems:', ds.report.n_bad, ds.report.problems[:3])",
+    ),
+    (
+        "md",
+        "## Context length against the window\nContexts longer than the window's room are cut into "
+        "overlapping windows (`doc_stride`).",
+    ),
+    (
+        "code",
+        "tok = QATokenizer.minilm()\nalbert = QATokenizer.albert()\n"
+        "lengths = {'dev-v1.1 WordPiece': stats.context_token_lengths(dev1.examples, tok),\n"
+        "           'dev-v1.1 SentencePiece': stats.context_token_lengths(dev1.examples, albert)}\n"
+        "fig = stats.plot_context_lengths(lengths, P.max_seq_len)\n"
+        "reporting.save_figure(fig, '01_context_lengths', REPORTS)\n"
+        "coverage = {k: round(stats.window_coverage(v, P.max_seq_len), 4) for k, v in lengths.items()}\ncoverage",
+    ),
+    (
+        "md",
+        "## Labelled spans give back the answer\nOver the whole train set (a sample in the smoke profile): "
+        "the share of answerable questions whose labelled token span, cut from the context through the "
+        "offsets, equals the answer text after SQuAD normalisation.",
+    ),
+    (
+        "code",
+        "recovery = {}\nfor name, t in [('wordpiece', tok), ('sentencepiece', albert)]:\n"
+        "    feats = build_features(train.examples, t, max_seq_len=P.max_seq_len, doc_stride=P.doc_stride,\n"
+        "                           max_query_len=P.max_query_len)\n"
+        "    recovery[name] = {**span_recovery_rate(train.examples, feats), 'features': len(feats)}\nrecovery",
+    ),
+    (
+        "md",
+        "## Splits by article and made-up unanswerable questions\nNo v2.0 train set exists here, so "
+        "unanswerable training examples pair a question with another paragraph of its article.",
+    ),
+    (
+        "code",
+        "fit, held_out = split_by_article(train.examples, 0.1, seed=P.seed)\n"
+        "overlap = {e.title for e in fit} & {e.title for e in held_out}\n"
+        "negatives = make_unanswerable(fit, 0.5, seed=P.seed)\n"
+        "split = {'fit_questions': len(fit), 'held_out_questions': len(held_out), 'title_overlap': len(overlap),\n"
+        "         'made_up_unanswerable': len(negatives)}\nassert not overlap\nsplit",
+    ),
     ("code", "random.Random(0).choice(negatives)"),
-    ("code", "reporting.save_metrics('01_squad_data', {'profile': P.name, 'datasets': summary,\n"
-             "    'window_coverage': coverage, 'span_recovery': recovery, 'split': split}, REPORTS)"),
+    (
+        "code",
+        "reporting.save_metrics('01_squad_data', {'profile': P.name, 'datasets': summary,\n"
+        "    'window_coverage': coverage, 'span_recovery': recovery, 'split': split}, REPORTS)",
+    ),
 ]
 
 NB02 = [
-    ("md", "# 02 · Fine-tune the full model (the server model)\n\nMiniLM-L6 (all-MiniLM-L6-v2 weights in "
-           "keras-hub's `BertBackbone`) with a span head, fine-tuned on SQuAD v1.1 train (plus made-up "
-           "unanswerable questions), then evaluated on the whole of dev-v1.1 and dev-v2.0 with the official "
-           "metrics. Training resumes from its last checkpoint if interrupted, and is skipped when the "
-           "artifact is already complete."),
+    (
+        "md",
+        "# 02 · Fine-tune the full model (the server model)\n\nMiniLM-L6 (all-MiniLM-L6-v2 weights in "
+        "keras-hub's `BertBackbone`) with a span head, fine-tuned on SQuAD v1.1 train (plus made-up "
+        "unanswerable questions), then evaluated on the whole of dev-v1.1 and dev-v2.0 with the official "
+        "metrics. Training resumes from its last checkpoint if interrupted, and is skipped when the "
+        "artifact is already complete.",
+    ),
     PARAMS,
-    ("code", "import csv, json, time\n\nfrom elma_utils import config, reporting\n"
-             "from elma_utils.model.evaluation import evaluate_artifact\nfrom elma_utils.model.finetune import finetune\n"
-             "from elma_utils.squad import stats\n\nP = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nP"),
+    (
+        "code",
+        "import csv, json, time\n\nfrom elma_utils import config, reporting\n"
+        "from elma_utils.model.evaluation import evaluate_artifact\nfrom elma_utils.model.finetune import finetune\n"
+        "from elma_utils.squad import stats\n\nP = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nP",
+    ),
     ("md", "## Train\nA progress bar per chunk of steps; `artifacts/<name>/train_log.csv` keeps the losses."),
-    ("code", "t0 = time.time()\nmodel_dir = finetune(P, data_dir=data_dir, verbose=2)\n"
-             "train_metrics = json.loads((model_dir / 'metrics.json').read_text())['train']\n"
-             "print(model_dir, f'{time.time() - t0:.0f} s in this run')\ntrain_metrics"),
-    ("code", "rows = list(csv.DictReader(open(model_dir / 'train_log.csv')))\n"
-             "fig = stats.plot_training_curve(rows)\nreporting.save_figure(fig, '02_training_loss', REPORTS)"),
-    ("md", "## Evaluate on dev-v1.1 and dev-v2.0\nOfficial-format predictions go to `reports/predictions/`. "
-           "For v2.0 the no-answer threshold is cross-fitted over articles (tuned on one half, applied to "
-           "the other); the official script's `best_f1` (tuned on dev itself) is shown beside it."),
-    ("code", "results = {}\nfor version in ('1.1', '2.0'):\n"
-             "    r = evaluate_artifact(model_dir, version, data_dir=data_dir, limit=P.eval_examples,\n"
-             "                          out_dir=REPORTS / 'predictions')\n"
-             "    results[version] = {k: v for k, v in r.items() if k not in ('spans', 'predictions', 'na_probs')}\n"
-             "    print(version, json.dumps(r['scores'], indent=1)[:600])"),
+    (
+        "code",
+        "t0 = time.time()\nmodel_dir = finetune(P, data_dir=data_dir, verbose=2)\n"
+        "train_metrics = json.loads((model_dir / 'metrics.json').read_text())['train']\n"
+        "print(model_dir, f'{time.time() - t0:.0f} s in this run')\ntrain_metrics",
+    ),
+    (
+        "code",
+        "with open(model_dir / 'train_log.csv') as f:\n    rows = list(csv.DictReader(f))\n"
+        "fig = stats.plot_training_curve(rows)\nreporting.save_figure(fig, '02_training_loss', REPORTS)",
+    ),
+    (
+        "md",
+        "## Evaluate on dev-v1.1 and dev-v2.0\nOfficial-format predictions go to `reports/predictions/`. "
+        "For v2.0 the no-answer threshold is cross-fitted over articles (tuned on one half, applied to "
+        "the other); the official script's `best_f1` (tuned on dev itself) is shown beside it.",
+    ),
+    (
+        "code",
+        "results = {}\nfor version in ('1.1', '2.0'):\n"
+        "    r = evaluate_artifact(model_dir, version, data_dir=data_dir, limit=P.eval_examples,\n"
+        "                          out_dir=REPORTS / 'predictions')\n"
+        "    results[version] = {k: v for k, v in r.items() if k not in ('spans', 'predictions', 'na_probs')}\n"
+        "    print(version, json.dumps(r['scores'], indent=1)[:600])",
+    ),
     ("code", "examples = [(q, p) for q, p in list(r['predictions'].items())[:8]]\nexamples"),
-    ("code", "reporting.save_metrics('02_finetune_full_model', {'profile': P.name, 'model_dir': str(model_dir),\n"
-             "    'train': train_metrics, 'dev_v1_1': results['1.1'], 'dev_v2_0': results['2.0']}, REPORTS)"),
+    (
+        "code",
+        "reporting.save_metrics('02_finetune_full_model', {'profile': P.name, 'model_dir': str(model_dir),\n"
+        "    'train': train_metrics, 'dev_v1_1': results['1.1'], 'dev_v2_0': results['2.0']}, REPORTS)",
+    ),
 ]
 
 if __name__ == "__main__":

@@ -115,8 +115,9 @@ install_package() {
     local want have=""
     want="$(sha256_of pyproject.toml)"
     [[ -f "$PKG_STAMP" ]] && have="$(cat "$PKG_STAMP")"
+    # The import runs from / so that it finds the installed package, not ./elma_utils.
     if [[ "$want" == "$have" && -x "$VENV/bin/elma" ]] &&
-        "$PY" -c 'import pathlib, sys, elma_utils; sys.exit(pathlib.Path(elma_utils.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())' 2>/dev/null; then
+        (cd / && "$PY" -c 'import pathlib, sys, elma_utils; sys.exit(pathlib.Path(elma_utils.__file__).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())' "$ROOT") 2>/dev/null; then
         say "elma: installed (editable) from $ROOT"
         return
     fi

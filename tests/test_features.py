@@ -32,7 +32,9 @@ def test_span_recovery_on_a_train_sample_sentencepiece(train_v11, albert_tokeniz
 def test_long_context_is_cut_into_overlapping_windows(minilm_tokenizer):
     context = " ".join(f"word{i}" for i in range(300)) + " The answer is Denver Broncos here."
     ex = _example(context, "Who won?", "Denver Broncos")
-    feats = build_features([ex], minilm_tokenizer, max_seq_len=128, doc_stride=64, max_query_len=16, progress=False)
+    feats = build_features(
+        [ex], minilm_tokenizer, max_seq_len=128, doc_stride=64, max_query_len=16, progress=False
+    )
     assert len(feats) > 3
     assert (feats.example_index == 0).all()
     labelled = np.nonzero(feats.start_positions)[0]
@@ -52,7 +54,9 @@ def test_long_context_is_cut_into_overlapping_windows(minilm_tokenizer):
 
 def test_unanswerable_and_truncated_question(minilm_tokenizer):
     ex = _example("Paris is in France.", "Where is Berlin? " * 20, None)
-    feats = build_features([ex], minilm_tokenizer, max_seq_len=64, doc_stride=32, max_query_len=10, progress=False)
+    feats = build_features(
+        [ex], minilm_tokenizer, max_seq_len=64, doc_stride=32, max_query_len=10, progress=False
+    )
     assert len(feats) == 1
     assert feats.context_start[0] == 12  # [CLS] + 10 question tokens + [SEP]
     assert feats.start_positions[0] == 0 and feats.end_positions[0] == 0

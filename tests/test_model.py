@@ -58,8 +58,15 @@ def test_layerwise_encoder_matches_albert_functional_graph():
     from elma_utils.model.albert_weights import build_albert_backbone
 
     backbone = build_albert_backbone(
-        vocabulary_size=30000, num_layers=4, num_heads=2, embedding_dim=16, hidden_dim=32,
-        intermediate_dim=64, num_groups=2, num_inner_repetitions=1, dropout=0.0,
+        vocabulary_size=30000,
+        num_layers=4,
+        num_heads=2,
+        embedding_dim=16,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_groups=2,
+        num_inner_repetitions=1,
+        dropout=0.0,
     )
     x = _inputs()
     enc = LayerwiseEncoder(backbone)
@@ -69,7 +76,9 @@ def test_layerwise_encoder_matches_albert_functional_graph():
     assert len(enc.hidden_states(x, upto=2)) == 3
     # layers 0,1 use group 0 and layers 2,3 group 1: different outputs for the same input
     h = states[1]
-    assert not np.allclose(enc.layer(0, h, x["padding_mask"]).numpy(), enc.layer(2, h, x["padding_mask"]).numpy())
+    assert not np.allclose(
+        enc.layer(0, h, x["padding_mask"]).numpy(), enc.layer(2, h, x["padding_mask"]).numpy()
+    )
 
 
 def _tiny_model(seed=0, dropout=0.0):
@@ -93,12 +102,26 @@ def test_span_logits_are_masked_outside_context_and_cls():
 
 @pytest.fixture(scope="module")
 def small_features(dev_v11, minilm_tokenizer):
-    return build_features(dev_v11.examples[:48], minilm_tokenizer, max_seq_len=96, doc_stride=48, max_query_len=24,
-                          progress=False)
+    return build_features(
+        dev_v11.examples[:48],
+        minilm_tokenizer,
+        max_seq_len=96,
+        doc_stride=48,
+        max_query_len=24,
+        progress=False,
+    )
 
 
-TRAIN = dict(batch_size=8, epochs=1.0, learning_rate=2e-3, warmup_fraction=0.1, weight_decay=0.01, checkpoint_every=3,
-             seed=5, verbose=0)
+TRAIN = dict(
+    batch_size=8,
+    epochs=1.0,
+    learning_rate=2e-3,
+    warmup_fraction=0.1,
+    weight_decay=0.01,
+    checkpoint_every=3,
+    seed=5,
+    verbose=0,
+)
 
 
 class _StopAfter(keras.callbacks.Callback):
@@ -115,15 +138,22 @@ def test_training_learns_and_resumes_exactly(tmp_path, small_features):
     steps = len(small_features) // 8
     assert steps >= 6
     full = _tiny_model()
-    stats = fit_span_model(full, small_features, checkpoint_dir=tmp_path / "a", log_csv=tmp_path / "a.csv", **TRAIN)
+    stats = fit_span_model(
+        full, small_features, checkpoint_dir=tmp_path / "a", log_csv=tmp_path / "a.csv", **TRAIN
+    )
     losses = [float(r.split(",")[1]) for r in (tmp_path / "a.csv").read_text().splitlines()[1:]]
     assert losses[-1] < losses[0]  # learning, not just running
     assert stats["resumed_from_step"] == 0 and stats["total_steps"] % 3 == 0
 
     interrupted = _tiny_model()
     with pytest.raises(KeyboardInterrupt):
-        fit_span_model(interrupted, small_features, checkpoint_dir=tmp_path / "b", extra_callbacks=[_StopAfter(1)],
-                       **TRAIN)
+        fit_span_model(
+            interrupted,
+            small_features,
+            checkpoint_dir=tmp_path / "b",
+            extra_callbacks=[_StopAfter(1)],
+            **TRAIN,
+        )
     assert json.loads((tmp_path / "b" / "state.json").read_text())["chunks_done"] == 1
     resumed = _tiny_model(seed=99)  # different initial weights: everything must come from the checkpoint
     stats = fit_span_model(resumed, small_features, checkpoint_dir=tmp_path / "b", **TRAIN)
@@ -134,12 +164,18 @@ def test_training_learns_and_resumes_exactly(tmp_path, small_features):
 
 def test_artifact_round_trip_and_qamodel(tmp_path, minilm_tokenizer):
     model = _tiny_model(seed=3)
-    cfg = {"backbone": {"kind": "bert", "kwargs": TINY_BERT}, "max_seq_len": 64, "doc_stride": 32,
-           "max_query_len": 16}
+    cfg = {
+        "backbone": {"kind": "bert", "kwargs": TINY_BERT},
+        "max_seq_len": 64,
+        "doc_stride": 32,
+        "max_query_len": 16,
+    }
     artifacts.save_artifact(tmp_path / "m", model, minilm_tokenizer, cfg)
     qa = QAModel.load(tmp_path / "m")
     x = _inputs(vocab=30000)
-    np.testing.assert_allclose(qa.model(x)["start_logits"].numpy(), model(x)["start_logits"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        qa.model(x)["start_logits"].numpy(), model(x)["start_logits"].numpy(), atol=1e-6
+    )
     context = "The Denver Broncos defeated the Carolina Panthers 24 to 10 in Super Bowl 50. " * 3
     ans = qa.answer("Who won Super Bowl 50?", context)
     assert context[ans.char_start : ans.char_end] == ans.text and ans.text
@@ -186,8 +222,9 @@ def test_training_on_jax_backend_loads_on_tensorflow(tmp_path, small_features):
     pytest.importorskip("jax")
     small_features.save(tmp_path / "features.npz")
     env = {**__import__("os").environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, "-c", JAX_TRAIN, str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", JAX_TRAIN, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     model = _tiny_model(seed=7)
     model.load_weights(tmp_path / "model.weights.h5")

@@ -41,6 +41,7 @@ def project(tmp_path: Path) -> tuple[Path, Path]:
     )
     _write_notebook(
         nbs / "01_alpha.ipynb",
+        'print("alpha says", profile)',
         _metrics_cell("01_alpha", '{"profile_length": len(profile), "ratio": 1 / 3}'),
     )
     (nbs / "README.md").write_text("not a notebook\n")
@@ -80,13 +81,18 @@ def test_unknown_profile_and_empty_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_runs_skips_reruns_and_fails_clearly(project: tuple[Path, Path]) -> None:
+def test_pipeline_runs_skips_reruns_and_fails_clearly(
+    project: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     nbs, reports = project
     kw = {"profile": "smoke", "notebooks_dir": nbs, "reports_dir": reports}
 
     # 1. both run, in order, with the profile and the extra parameter injected
     first = run_pipeline(**kw, extra_parameters={"scale": 4})
     assert _statuses(first) == [("01_alpha", "ran"), ("02_beta", "ran")]
+    printed = capsys.readouterr().out
+    assert "alpha says smoke" in printed  # cell output is streamed while it runs
+    assert printed.index("[1/2] 01_alpha: running") < printed.index("[2/2] 02_beta: running")
     beta = json.loads((reports / "metrics" / "02_beta.json").read_text())
     assert beta == {"nested": {"steps": 40}, "profile": "smoke", "score": 10.0}
     alpha = json.loads((reports / "metrics" / "01_alpha.json").read_text())
@@ -134,7 +140,7 @@ def test_pipeline_runs_skips_reruns_and_fails_clearly(project: tuple[Path, Path]
     with pytest.raises(PipelineError) as info:
         run_pipeline(**kw)
     message = str(info.value)
-    assert "notebook 03_gamma failed in cell 4" in message  # markdown, parameters, x = 1, raise
+    assert "notebook 03_gamma failed in cell 4 (In [" in message  # markdown, parameters, x = 1, raise
     assert "RuntimeError: gamma broke on smoke" in message
     assert info.value.notebook == "03_gamma"
     assert info.value.output is not None and str(info.value.output) in message
@@ -143,3 +149,14 @@ def test_pipeline_runs_skips_reruns_and_fails_clearly(project: tuple[Path, Path]
     state = json.loads((reports / "runs" / "state-smoke.json").read_text())
     assert "03_gamma" not in state["notebooks"]
     assert "## 02_beta" in (reports / "REPORT.md").read_text()  # the report is still written
+
+
+def test_reports_go_to_the_profiles_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from elma_utils import config
+
+    monkeypatch.delenv("ELMA_REPORTS_DIR", raising=False)
+    assert pipeline.reports_root("cpu") == config.PROJECT_ROOT / "reports"
+    assert pipeline.reports_root("smoke") == config.PROJECT_ROOT / "reports" / "profiles" / "smoke"
+    assert pipeline.state_path("smoke", tmp_path) == tmp_path / "runs" / "state-smoke.json"
+    monkeypatch.setenv("ELMA_REPORTS_DIR", str(tmp_path))
+    assert pipeline.reports_root("smoke") == tmp_path

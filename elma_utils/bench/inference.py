@@ -56,7 +56,11 @@ def percentiles(samples_s: list[float]) -> dict:
 
 
 def benchmark_inference(
-    model_dir: str | Path, seq_len: int = 384, runs: int = 50, warmup: int = 5, eval_examples: int = 500,
+    model_dir: str | Path,
+    seq_len: int = 384,
+    runs: int = 50,
+    warmup: int = 5,
+    eval_examples: int = 500,
     data_dir: Path | None = None,
 ) -> dict:
     """Batch-1 latency at a fixed sequence length, plus dev-set evaluation throughput."""

@@ -27,8 +27,38 @@ METRICS_FILE = "metrics.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-def build_backbone(kind: str, kwargs: dict | None = None, dropout: float = 0.1, pretrained: bool = True):
-    """(backbone, kwargs) for a backbone kind: 'minilm', 'tiny-bert', 'bert' or 'albert'."""
+ALBERT_ARGS = (
+    "vocabulary_size",
+    "num_layers",
+    "num_heads",
+    "embedding_dim",
+    "hidden_dim",
+    "intermediate_dim",
+    "num_groups",
+    "num_inner_repetitions",
+    "max_sequence_length",
+    "num_segments",
+)
+
+
+def build_backbone(
+    kind: str,
+    kwargs: dict | None = None,
+    dropout: float = 0.1,
+    pretrained: bool = True,
+    source: str | None = None,
+):
+    """(backbone, kwargs) for a backbone kind: 'minilm', 'tiny-bert', 'bert' or 'albert'.
+
+    ``source`` names pretrained ALBERT weights: a keras-hub preset, a Google checkpoint
+    directory or a TF-Hub module (see ``albert_weights.load_albert``).
+    """
+    if kind == "albert" and source:
+        from elma_utils.model.albert_weights import load_albert
+
+        backbone = load_albert(source)
+        config = backbone.get_config()
+        return backbone, {k: config[k] for k in ALBERT_ARGS if k in config}
     if kind == "minilm" and pretrained:
         from elma_utils.model.minilm import load_bert_backbone_from_hf
 
@@ -41,6 +71,10 @@ def build_backbone(kind: str, kwargs: dict | None = None, dropout: float = 0.1, 
     if kind == "albert":
         from elma_utils.model.albert_weights import build_albert_backbone
 
+        if not kwargs:
+            raise ValueError(
+                "an ALBERT backbone needs pretrained weights (--backbone-source) or its arguments"
+            )
         return build_albert_backbone(dropout=dropout, **kwargs), dict(kwargs)
     raise ValueError(f"unknown backbone {kind!r}; use minilm, tiny-bert, bert or albert")
 
@@ -82,7 +116,9 @@ def load_span_model(directory: Path) -> tuple[SpanQAModel, QATokenizer, dict]:
     config = read_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: training did not finish or the artifact is incomplete")
+        raise FileNotFoundError(
+            f"{weights} is missing: training did not finish or the artifact is incomplete"
+        )
     b = config["backbone"]
     backbone, _ = build_backbone(b["kind"], b["kwargs"], dropout=b.get("dropout", 0.1), pretrained=False)
     model = SpanQAModel(backbone)

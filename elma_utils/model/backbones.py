@@ -32,7 +32,9 @@ def use_exact_gelu(backbone: keras.Model) -> None:
         layer._feedforward_intermediate_dense.activation = keras.activations.gelu
 
 
-def build_bert_backbone(exact_gelu: bool = True, dropout: float = 0.1, **kwargs) -> keras_hub.models.BertBackbone:
+def build_bert_backbone(
+    exact_gelu: bool = True, dropout: float = 0.1, **kwargs
+) -> keras_hub.models.BertBackbone:
     backbone = keras_hub.models.BertBackbone(dropout=dropout, **kwargs)
     if exact_gelu:
         use_exact_gelu(backbone)

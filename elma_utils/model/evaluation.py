@@ -73,8 +73,9 @@ def _subset_raw(raw: dict, qids: set[str]) -> dict:
     return {**raw, "data": data}
 
 
-def evaluate_dataset(model, tokenizer, config: dict, dataset: SquadDataset, batch_size: int = 64,
-                     progress: bool = True) -> dict:
+def evaluate_dataset(
+    model, tokenizer, config: dict, dataset: SquadDataset, batch_size: int = 64, progress: bool = True
+) -> dict:
     """Predictions and official scores for one dataset (v1.1 or v2.0)."""
     t0 = time.time()
     feats = build_features(
@@ -107,7 +108,9 @@ def evaluate_dataset(model, tokenizer, config: dict, dataset: SquadDataset, batc
         official = dict(metrics.squad_v2_scores(dataset.raw, span_text, na))
         always = dict(metrics.squad_v2_scores(dataset.raw, span_text))
         if len({e.title for e in dataset.examples}) < 2:
-            raise ValueError("SQuAD 2.0 evaluation needs questions from at least two articles (raise --limit)")
+            raise ValueError(
+                "SQuAD 2.0 evaluation needs questions from at least two articles (raise --limit)"
+            )
         crossfit = cross_fitted_threshold_f1(dataset, preds)
         result["predictions"] = crossfit["predictions"]
         result["na_probs"] = na
@@ -154,7 +157,9 @@ def evaluate_artifact(
     model, tokenizer, config = artifacts.load_span_model(model_dir)
     dataset = load_squad(version, "dev", data_dir=data_dir, limit=limit)
     result = evaluate_dataset(model, tokenizer, config, dataset, batch_size, progress)
-    result["files"] = {k: str(v) for k, v in write_eval_files(result, out_dir or Path(model_dir) / "eval", version).items()}
+    result["files"] = {
+        k: str(v) for k, v in write_eval_files(result, out_dir or Path(model_dir) / "eval", version).items()
+    }
     summary = {k: v for k, v in result.items() if k not in ("spans", "predictions", "na_probs")}
     artifacts.update_metrics(model_dir, f"eval-dev-v{version}" + (f"-first{limit}" if limit else ""), summary)
     return result

@@ -47,7 +47,15 @@ def finetune(
         print(f"{out} is already trained; delete it (or pass another --name) to train again")
         return out
     policy = training_policy(precision)
+    previous_policy = keras.mixed_precision.global_policy().name
     set_policy(policy)
+    try:
+        return _train_and_save(profile, name, out, policy, data_dir, verbose)
+    finally:
+        set_policy(previous_policy)
+
+
+def _train_and_save(profile: cfg.Profile, name: str, out: Path, policy: str, data_dir, verbose) -> Path:
     keras.utils.set_random_seed(profile.seed)
     tokenizer = artifacts.tokenizer_for(profile.backbone)
     examples = training_examples(profile, data_dir)
@@ -62,9 +70,16 @@ def finetune(
     )
     feature_seconds = time.time() - t0
     recovery = span_recovery_rate(examples, feats)
-    print(f"{len(examples)} examples → {len(feats)} features; labelled spans recovered: {recovery['rate']:.4f}")
+    print(
+        f"{len(examples)} examples → {len(feats)} features; labelled spans recovered: {recovery['rate']:.4f}"
+    )
 
-    backbone, kwargs = artifacts.build_backbone(profile.backbone)
+    backbone, kwargs = artifacts.build_backbone(profile.backbone, source=profile.backbone_source)
+    if profile.max_seq_len > backbone.max_sequence_length:
+        raise ValueError(
+            f"max_seq_len={profile.max_seq_len} exceeds the backbone's {backbone.max_sequence_length} positions; "
+            "use a profile with a shorter max_seq_len"
+        )
     model = SpanQAModel(backbone)
     model.build_for()
     out.mkdir(parents=True, exist_ok=True)
@@ -82,11 +97,11 @@ def finetune(
         log_csv=out / "train_log.csv",
         verbose=verbose,
     )
-    set_policy("float32")
+    set_policy("float32")  # saved weights and the artifact's model are float32
     config = {
         "name": name,
-        "backbone": {"kind": "bert" if profile.backbone != "albert" else "albert", "kwargs": kwargs},
-        "source": profile.backbone,
+        "backbone": {"kind": "albert" if profile.backbone == "albert" else "bert", "kwargs": kwargs},
+        "source": profile.backbone_source or profile.backbone,
         "max_seq_len": profile.max_seq_len,
         "doc_stride": profile.doc_stride,
         "max_query_len": profile.max_query_len,

@@ -1,8 +1,8 @@
 """`QAModel`: load a trained artifact and answer questions about a text.
 
-    qa = QAModel.load("artifacts/minilm-cpu")
-    qa.answer("Who won Super Bowl 50?", context)   # → Answer(text, char_start, char_end, score, no_answer)
-    qa.predict([(question, context), ...])         # batched
+qa = QAModel.load("artifacts/minilm-cpu")
+qa.answer("Who won Super Bowl 50?", context)   # → Answer(text, char_start, char_end, score, no_answer)
+qa.predict([(question, context), ...])         # batched
 """
 
 from __future__ import annotations
@@ -92,8 +92,16 @@ class QAModel:
 
     def logits(self, question: str, context: str) -> tuple[np.ndarray, np.ndarray]:
         """Raw start/end logits of the first window (for inspection and plots)."""
-        ex = SquadExample("0", _check_text(question, "question"), _check_text(context, "context"), (), False, "", "0")
-        feats = build_features([ex], self.tokenizer, self.config["max_seq_len"], self.config["doc_stride"],
-                               self.config["max_query_len"], progress=False)
+        ex = SquadExample(
+            "0", _check_text(question, "question"), _check_text(context, "context"), (), False, "", "0"
+        )
+        feats = build_features(
+            [ex],
+            self.tokenizer,
+            self.config["max_seq_len"],
+            self.config["doc_stride"],
+            self.config["max_query_len"],
+            progress=False,
+        )
         start, end = predict_logits(self.model, feats.subset(np.array([0])), 1, progress=False)
         return start[0, : feats.lengths[0]], end[0, : feats.lengths[0]]

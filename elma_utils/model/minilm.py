@@ -28,7 +28,9 @@ def load_hf_bert_weights(model_dir: str | Path) -> tuple[dict, dict[str, np.ndar
     cfg_path, weights_path = model_dir / "config.json", model_dir / "model.safetensors"
     for p in (cfg_path, weights_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: a BERT model directory needs config.json and model.safetensors")
+            raise FileNotFoundError(
+                f"{p} not found: a BERT model directory needs config.json and model.safetensors"
+            )
     cfg = json.loads(cfg_path.read_text())
     tensors = {k.removeprefix("bert."): v for k, v in load_file(str(weights_path)).items()}
     return cfg, tensors
@@ -56,7 +58,9 @@ def port_hf_bert_weights(backbone, tensors: dict[str, np.ndarray]) -> None:
         get("embeddings.position_embeddings.weight"),
         "position_embeddings",
     )
-    _assign(backbone.segment_embedding.embeddings, get("embeddings.token_type_embeddings.weight"), "token_type")
+    _assign(
+        backbone.segment_embedding.embeddings, get("embeddings.token_type_embeddings.weight"), "token_type"
+    )
     ln = "weight" if "embeddings.LayerNorm.weight" in tensors else "gamma"
     lb = "bias" if ln == "weight" else "beta"
     _assign(backbone.embeddings_layer_norm.gamma, get(f"embeddings.LayerNorm.{ln}"), "embeddings LayerNorm")
@@ -64,7 +68,11 @@ def port_hf_bert_weights(backbone, tensors: dict[str, np.ndarray]) -> None:
     for i, block in enumerate(backbone.transformer_layers):
         p = f"encoder.layer.{i}."
         attn = block._self_attention_layer
-        for name, dense in (("query", attn.query_dense), ("key", attn.key_dense), ("value", attn.value_dense)):
+        for name, dense in (
+            ("query", attn.query_dense),
+            ("key", attn.key_dense),
+            ("value", attn.value_dense),
+        ):
             w = get(f"{p}attention.self.{name}.weight")
             _assign(dense.kernel, w.T.reshape(hidden, heads, head_dim), p + name)
             _assign(dense.bias, get(f"{p}attention.self.{name}.bias").reshape(heads, head_dim), p + name)
@@ -73,7 +81,9 @@ def port_hf_bert_weights(backbone, tensors: dict[str, np.ndarray]) -> None:
         _assign(attn.output_dense.bias, get(f"{p}attention.output.dense.bias"), p + "attention.output")
         _assign(block._self_attention_layer_norm.gamma, get(f"{p}attention.output.LayerNorm.{ln}"), p + "ln1")
         _assign(block._self_attention_layer_norm.beta, get(f"{p}attention.output.LayerNorm.{lb}"), p + "ln1")
-        _assign(block._feedforward_intermediate_dense.kernel, get(f"{p}intermediate.dense.weight").T, p + "ffn1")
+        _assign(
+            block._feedforward_intermediate_dense.kernel, get(f"{p}intermediate.dense.weight").T, p + "ffn1"
+        )
         _assign(block._feedforward_intermediate_dense.bias, get(f"{p}intermediate.dense.bias"), p + "ffn1")
         _assign(block._feedforward_output_dense.kernel, get(f"{p}output.dense.weight").T, p + "ffn2")
         _assign(block._feedforward_output_dense.bias, get(f"{p}output.dense.bias"), p + "ffn2")
@@ -88,6 +98,8 @@ def load_bert_backbone_from_hf(model_dir: str | Path | None = None, dropout: flo
     """BertBackbone with exact GELU and the directory's weights (default: all-MiniLM-L6-v2)."""
     cfg, tensors = load_hf_bert_weights(model_dir or minilm_model_dir())
     kwargs = bert_kwargs_from_hf_config(cfg)
-    backbone = build_bert_backbone(exact_gelu=cfg.get("hidden_act", "gelu") == "gelu", dropout=dropout, **kwargs)
+    backbone = build_bert_backbone(
+        exact_gelu=cfg.get("hidden_act", "gelu") == "gelu", dropout=dropout, **kwargs
+    )
     port_hf_bert_weights(backbone, tensors)
     return backbone, kwargs

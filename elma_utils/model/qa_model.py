@@ -47,6 +47,7 @@ class SpanQAModel(keras.Model):
     def __init__(self, backbone: keras.Model, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
+        backbone.pooled_dense.trainable = False  # the [CLS] pooler takes no part in span prediction
         self.qa_head = SpanHead(name="qa_head")
 
     def call(self, inputs, training=False):

@@ -198,9 +198,7 @@ class QATokenizer:
                 k += 1
                 ids.extend(pieces)
                 offs.extend(self._spread(w, pieces))
-            results.append(
-                (np.asarray(ids, dtype=np.int32), np.asarray(offs, dtype=np.int32).reshape(-1, 2))
-            )
+            results.append((np.asarray(ids, dtype=np.int32), np.asarray(offs, dtype=np.int32).reshape(-1, 2)))
         return results
 
     def _spread(self, word: Word, pieces: list[int]) -> list[tuple[int, int]]:

@@ -28,7 +28,9 @@ def span_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def compile_for_training(model: keras.Model, peak_lr: float, total_steps: int, warmup_steps: int, weight_decay: float):
+def compile_for_training(
+    model: keras.Model, peak_lr: float, total_steps: int, warmup_steps: int, weight_decay: float
+):
     model.compile(
         optimizer=adamw(peak_lr, total_steps, warmup_steps, weight_decay),
         loss={"start_logits": span_loss(), "end_logits": span_loss()},
@@ -49,7 +51,11 @@ class ChunkCheckpoint(keras.callbacks.Callback):
         tmp = self.directory / ("tmp-" + CKPT_WEIGHTS)
         self.model.save_weights(tmp)
         os.replace(tmp, self.directory / CKPT_WEIGHTS)
-        state = {"chunks_done": epoch + 1, "time": time.time(), "logs": {k: float(v) for k, v in (logs or {}).items()}}
+        state = {
+            "chunks_done": epoch + 1,
+            "time": time.time(),
+            "logs": {k: float(v) for k, v in (logs or {}).items()},
+        }
         tmp_state = self.directory / ("tmp-" + CKPT_STATE)
         tmp_state.write_text(json.dumps(state))
         os.replace(tmp_state, self.directory / CKPT_STATE)
@@ -96,7 +102,11 @@ def fit_span_model(
         model.load_weights(Path(checkpoint_dir) / CKPT_WEIGHTS)
         print(f"resuming after {done}/{n_chunks} chunks ({done * chunk} of {total_steps} steps)")
     remaining = plan[done * chunk :]
-    data = tf_dataset(features, remaining) if keras.backend.backend() == "tensorflow" else py_dataset(features, remaining)
+    data = (
+        tf_dataset(features, remaining)
+        if keras.backend.backend() == "tensorflow"
+        else py_dataset(features, remaining)
+    )
     callbacks: list[keras.callbacks.Callback] = [ChunkCheckpoint(checkpoint_dir)]
     if log_csv is not None:
         callbacks.append(keras.callbacks.CSVLogger(str(log_csv), append=bool(done)))

@@ -93,5 +93,7 @@ def predict_answers(
         diff = float(min_null[i] - best_score[i])
         no_ans = null_threshold is not None and diff > null_threshold
         span = ex.context[c0:c1]
-        out.append(SpanPrediction("" if no_ans else span, c0, c1, float(best_score[i]), diff, bool(no_ans), span))
+        out.append(
+            SpanPrediction("" if no_ans else span, c0, c1, float(best_score[i]), diff, bool(no_ans), span)
+        )
     return out

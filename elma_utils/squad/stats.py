@@ -17,11 +17,15 @@ def dataset_summary(ds: SquadDataset) -> dict:
         "questions": ds.report.n_questions,
         "unanswerable": sum(e.is_impossible for e in ex),
         "bad_examples": ds.report.n_bad,
-        "mean_context_words": round(float(np.mean([len(c.split()) for c in contexts])), 1) if contexts else 0.0,
+        "mean_context_words": round(float(np.mean([len(c.split()) for c in contexts])), 1)
+        if contexts
+        else 0.0,
         "mean_question_words": round(float(np.mean([len(e.question.split()) for e in ex])), 1) if ex else 0.0,
         "mean_answer_words": round(
             float(np.mean([len(e.answers[0].text.split()) for e in ex if e.answers])), 2
-        ) if any(e.answers for e in ex) else 0.0,
+        )
+        if any(e.answers for e in ex)
+        else 0.0,
     }
 
 
