@@ -230,3 +230,20 @@ def test_training_on_jax_backend_loads_on_tensorflow(tmp_path, small_features):
     model.load_weights(tmp_path / "model.weights.h5")
     x = small_features.model_inputs(np.arange(4))
     np.testing.assert_allclose(model(x)["start_logits"].numpy(), np.load(tmp_path / "start.npy"), atol=1e-4)
+
+
+def test_artifact_weights_hold_no_optimizer_state(tmp_path, small_features, minilm_tokenizer):
+    model = _tiny_model()
+    fit_span_model(model, small_features, checkpoint_dir=tmp_path / "ckpt", **{**TRAIN, "epochs": 0.3})
+    cfg = {
+        "backbone": {"kind": "bert", "kwargs": TINY_BERT},
+        "max_seq_len": 96,
+        "doc_stride": 48,
+        "max_query_len": 24,
+    }
+    artifacts.save_artifact(tmp_path / "m", model, minilm_tokenizer, cfg)
+    size = (tmp_path / "m" / "model.weights.h5").stat().st_size
+    assert size < model.count_params() * 4 * 1.2  # float32 weights only, not Adam's two moments
+    qa = QAModel.load(tmp_path / "m")
+    x = small_features.model_inputs(np.arange(2))
+    np.testing.assert_allclose(qa.model(x)["end_logits"].numpy(), model(x)["end_logits"].numpy(), atol=1e-6)

@@ -432,3 +432,18 @@ def test_examples_to_squad_json_round_trips_subsets_and_negatives(tmp_path: Path
     assert sorted(loaded.examples, key=lambda e: e.qas_id) == sorted(mixed, key=lambda e: e.qas_id)
     with pytest.raises(ValueError, match="2.0"):
         examples_to_squad_json(mixed, "1.1")
+
+
+def test_file_missing_from_shared_dir_is_looked_for_in_project_data(tmp_path, monkeypatch):
+    from elma_utils import config
+
+    shared, project = tmp_path / "shared", tmp_path / "project"
+    shared.mkdir()
+    (project / "data" / "squad").mkdir(parents=True)
+    (project / "data" / "squad" / "train-v2.0.json").write_text("{}")
+    monkeypatch.delenv("ELMA_DATA_DIR", raising=False)
+    monkeypatch.setattr(config, "data_dir", lambda: shared)
+    monkeypatch.setattr(config, "PROJECT_ROOT", project)
+    assert squad_path("2.0", "train", download=False) == project / "data" / "squad" / "train-v2.0.json"
+    with pytest.raises(FileNotFoundError, match="dev-v2.0.json"):
+        squad_path("2.0", "dev", download=False)

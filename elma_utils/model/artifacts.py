@@ -89,11 +89,25 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _without_optimizer(model: SpanQAModel, config: dict) -> SpanQAModel:
+    """An uncompiled copy: Keras saves a compiled model's optimizer state with its weights,
+    which would triple the artifact's size."""
+    if getattr(model, "optimizer", None) is None:
+        return model
+    b = config["backbone"]
+    backbone, _ = build_backbone(b["kind"], b["kwargs"], dropout=b.get("dropout", 0.1), pretrained=False)
+    copy = SpanQAModel(backbone)
+    copy.build_for()
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def save_artifact(directory: Path, model: SpanQAModel, tokenizer: QATokenizer, config: dict) -> Path:
+    """Write weights (no optimizer state), tokenizer assets and config.json atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / ("tmp-" + WEIGHTS_FILE)
-    model.save_weights(tmp)
+    _without_optimizer(model, config).save_weights(tmp)
     os.replace(tmp, directory / WEIGHTS_FILE)
     tokenizer.save_assets(directory / TOKENIZER_DIR)
     _write_json(directory / CONFIG_FILE, config)

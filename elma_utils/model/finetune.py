@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def _train_and_save(profile: cfg.Profile, name: str, out: Path, policy: str, dat
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     artifacts.save_artifact(out, model, tokenizer, config)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the finished weights supersede them
     artifacts.update_metrics(
         out,
         "train",

@@ -134,12 +134,20 @@ def squad_path(
     *,
     timeout: float = DOWNLOAD_TIMEOUT_S,
 ) -> Path:
-    """Path of a SQuAD file in `data_dir`, downloading the official file when it is missing."""
+    """Path of a SQuAD file in `data_dir`, downloading the official file when it is missing.
+
+    Without an explicit `data_dir` (or ELMA_DATA_DIR) a file missing from the shared,
+    read-only ../shared/data/squad is looked for, and downloaded, in the project's data/squad/.
+    """
     version, split = _check_version_split(version, split)
     directory = Path(data_dir) if data_dir is not None else config.data_dir()
     path = directory / squad_filename(version, split)
     if path.is_file():
         return path
+    if data_dir is None and not os.environ.get("ELMA_DATA_DIR"):
+        path = config.PROJECT_ROOT / "data" / "squad" / squad_filename(version, split)
+        if path.is_file():
+            return path
     url = SQUAD_URLS[(version, split)]
     if not download:
         raise FileNotFoundError(_missing_message(path, url, "downloading is switched off"))
