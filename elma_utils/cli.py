@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=384)
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--eval-examples", type=int, default=500)
-    b.add_argument("--out", default=None, help="also save as reports/metrics/<OUT>.json (e.g. bench_inference)")
+    b.add_argument(
+        "--out", default=None, help="also save as reports/metrics/<OUT>.json (e.g. bench_inference)"
+    )
     b.set_defaults(func=_cmd_bench)
 
     pl = sub.add_parser("pipeline", help="run the notebooks in order with papermill")

@@ -23,8 +23,9 @@ def setup(dev_v11, minilm_tokenizer):
     span.build_for()
     multi = MultiExitQAModel.from_span_model(span)
     examples = dev_v11.examples[:12]
-    feats = build_features(examples, minilm_tokenizer, max_seq_len=128, doc_stride=64, max_query_len=24,
-                           progress=False)
+    feats = build_features(
+        examples, minilm_tokenizer, max_seq_len=128, doc_stride=64, max_query_len=24, progress=False
+    )
     return span, multi, examples, feats
 
 
@@ -65,5 +66,8 @@ def test_batched_exit_matches_batch_of_one(setup):
         one = feats.subset(rows)
         one.example_index[:] = 0
         [single] = runner.run([ex], one)
-        assert (single.text, single.exit_layer, single.solved) == (batched[i].text, batched[i].exit_layer,
-                                                                   batched[i].solved)
+        assert (single.text, single.exit_layer, single.solved) == (
+            batched[i].text,
+            batched[i].exit_layer,
+            batched[i].solved,
+        )

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from elma_utils.squad.postprocess import best_span
+
 SPAN_RULES = ("max", "mean", "joint")
 AGGREGATIONS = ("max", "min", "mean")
 
@@ -133,37 +135,6 @@ def _valid_pairs(s_idx: np.ndarray, e_idx: np.ndarray, max_answer_len: int) -> n
     length = ei - si
     in_context = (si > 0) & (length >= 0) & (length < max_answer_len)
     return in_context | ((si == 0) & (ei == 0))
-
-
-def best_span(
-    start_logits: np.ndarray,
-    end_logits: np.ndarray,
-    mask: np.ndarray,
-    n_best: int = 20,
-    max_answer_len: int = 30,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(start token, end token, span score, null score) per window [N].
-
-    The same search as ``squad.postprocess.best_spans_per_feature`` (top-k starts and
-    ends, e ≥ s, at most ``max_answer_len`` tokens) but on a mask, so the edge runtime
-    needs no ``QAFeatures``. Position 0 ([CLS]) is never part of a span whatever the mask
-    says; the null score is start[0] + end[0].
-    """
-    start = np.asarray(start_logits, dtype=np.float64)
-    end = np.asarray(end_logits, dtype=np.float64)
-    n, seq = start.shape
-    ctx = _broadcast_mask(mask, start.shape).copy()
-    ctx[:, 0] = False
-    k = min(n_best, seq)
-    s_idx, s_val = _top_k(np.where(ctx, start, -np.inf), k)
-    e_idx, e_val = _top_k(np.where(ctx, end, -np.inf), k)
-    scores = s_val[:, :, None] + e_val[:, None, :]
-    length = e_idx[:, None, :] - s_idx[:, :, None]
-    scores = np.where((length >= 0) & (length < max_answer_len), scores, -np.inf).reshape(n, -1)
-    flat = scores.argmax(axis=1)
-    si, ei = np.unravel_index(flat, (k, k))
-    rows = np.arange(n)
-    return s_idx[rows, si], e_idx[rows, ei], scores[rows, flat], start[:, 0] + end[:, 0]
 
 
 def no_answer_margin(

@@ -50,7 +50,11 @@ def train_exits(
     profile = profile or cfg.Profile(**config["profile"])
     examples = training_examples(profile, data_dir)
     feats = cached_features(
-        examples, tokenizer, cfg.cache_dir(), max_seq_len=config["max_seq_len"], doc_stride=config["doc_stride"],
+        examples,
+        tokenizer,
+        cfg.cache_dir(),
+        max_seq_len=config["max_seq_len"],
+        doc_stride=config["doc_stride"],
         max_query_len=config["max_query_len"],
     )
     previous = keras.mixed_precision.global_policy().name
@@ -58,8 +62,16 @@ def train_exits(
     try:
         multi = MultiExitQAModel.from_span_model(span)
         t0 = time.time()
-        stats = fit_exit_heads(multi, feats, mode=mode, batch_size=profile.batch_size, epochs=epochs,
-                               learning_rate=learning_rate, log_csv=None, verbose=verbose)
+        stats = fit_exit_heads(
+            multi,
+            feats,
+            mode=mode,
+            batch_size=profile.batch_size,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            log_csv=None,
+            verbose=verbose,
+        )
         stats["seconds"] = round(time.time() - t0, 1)
     finally:
         set_policy(previous)
@@ -68,10 +80,19 @@ def train_exits(
     clean, _, _ = load_exits_model_from(full_model_dir, multi.num_exits)
     clean.set_weights(weights)
     clean.save_weights(out / EXITS_WEIGHTS)
-    (out / EXITS_CONFIG).write_text(json.dumps({
-        "full_model": str(full_model_dir), "mode": mode, "num_exits": multi.num_exits, "train": stats,
-        "epochs": epochs, "learning_rate": learning_rate,
-    }, indent=2))
+    (out / EXITS_CONFIG).write_text(
+        json.dumps(
+            {
+                "full_model": str(full_model_dir),
+                "mode": mode,
+                "num_exits": multi.num_exits,
+                "train": stats,
+                "epochs": epochs,
+                "learning_rate": learning_rate,
+            },
+            indent=2,
+        )
+    )
     return out
 
 
@@ -92,8 +113,13 @@ def load_exits(exits_dir: Path):
     return multi, tokenizer, config, ecfg
 
 
-def layerwise_dev_stats(exits_dir: Path, version: str = "1.1", limit: int | None = None,
-                        data_dir: Path | None = None, rule: str = "max") -> dict:
+def layerwise_dev_stats(
+    exits_dir: Path,
+    version: str = "1.1",
+    limit: int | None = None,
+    data_dir: Path | None = None,
+    rule: str = "max",
+) -> dict:
     """Per-layer, per-question entropy / F1 / spans of a dev set, cached as npz next to the exits."""
     from elma_utils.early_exit.calibration import layerwise_question_stats
     from elma_utils.squad.data import load_squad
@@ -106,11 +132,13 @@ def layerwise_dev_stats(exits_dir: Path, version: str = "1.1", limit: int | None
             return {k: d[k] for k in d.files}
     multi, tokenizer, config, _ = load_exits(exits_dir)
     ds = load_squad(version, "dev", data_dir=data_dir, limit=limit)
-    feats = build_features(ds.examples, tokenizer, config["max_seq_len"], config["doc_stride"],
-                           config["max_query_len"])
+    feats = build_features(
+        ds.examples, tokenizer, config["max_seq_len"], config["doc_stride"], config["max_query_len"]
+    )
     start, end = predict_exit_logits(multi, feats)
-    stats = layerwise_question_stats(ds.examples, feats, start.transpose(1, 0, 2), end.transpose(1, 0, 2),
-                                     ds.raw, version, rule=rule)
+    stats = layerwise_question_stats(
+        ds.examples, feats, start.transpose(1, 0, 2), end.transpose(1, 0, 2), ds.raw, version, rule=rule
+    )
     arrays = {k: np.asarray(v) for k, v in stats.items() if k != "predictions"}
     np.savez(cache, **arrays)
     return arrays

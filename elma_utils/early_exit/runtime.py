@@ -48,8 +48,13 @@ def _compile(fn):
 class EarlyExitRunner:
     """Answer questions with a multi-exit model, stopping each at its exit layer."""
 
-    def __init__(self, model: MultiExitQAModel, policy: ExitPolicy, rule: str = "max",
-                 null_threshold: float | None = None):
+    def __init__(
+        self,
+        model: MultiExitQAModel,
+        policy: ExitPolicy,
+        rule: str = "max",
+        null_threshold: float | None = None,
+    ):
         self.model = model
         self.policy = policy
         self.rule = rule
@@ -90,8 +95,14 @@ class EarlyExitRunner:
                 rows = rows_of[ex_i]
                 local = [position[r] for r in rows]
                 out = LayerOutput.from_logits(
-                    layer + 1, s[local], e[local], mask[rows], offsets=features.offsets[rows, :length],
-                    context=examples[ex_i].context, rule=self.rule, null_threshold=self.null_threshold,
+                    layer + 1,
+                    s[local],
+                    e[local],
+                    mask[rows],
+                    offsets=features.offsets[rows, :length],
+                    context=examples[ex_i].context,
+                    rule=self.rule,
+                    null_threshold=self.null_threshold,
                 )
                 history[ex_i].append(out)
                 decision = self.policy.decide(history[ex_i])
@@ -114,13 +125,20 @@ def _take_rows(x, keep: np.ndarray):
 def _answer(out: LayerOutput, solved: bool, history: list[LayerOutput]) -> EarlyExitAnswer:
     c0, c1 = out.best_span
     return EarlyExitAnswer(
-        text=out.text or "", char_start=int(c0), char_end=int(c1), exit_layer=out.layer, solved=solved,
-        entropy=float(out.entropy), null_diff=float(out.null_diff or 0.0),
+        text=out.text or "",
+        char_start=int(c0),
+        char_end=int(c1),
+        exit_layer=out.layer,
+        solved=solved,
+        entropy=float(out.entropy),
+        null_diff=float(out.null_diff or 0.0),
         entropies=[float(h.entropy) for h in history],
     )
 
 
-def timed_run(runner: EarlyExitRunner, examples: list, features: QAFeatures) -> tuple[list[EarlyExitAnswer], float]:
+def timed_run(
+    runner: EarlyExitRunner, examples: list, features: QAFeatures
+) -> tuple[list[EarlyExitAnswer], float]:
     t0 = time.perf_counter()
     answers = runner.run(examples, features)
     return answers, time.perf_counter() - t0

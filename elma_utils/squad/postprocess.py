@@ -37,6 +37,41 @@ class SpanPrediction:
         return self.span_text
 
 
+def best_span(
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    mask: np.ndarray,
+    n_best: int = 20,
+    max_answer_len: int = 30,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(start token, end token, span score, null score) per window [N], vectorised.
+
+    Top-k starts and ends among the positions ``mask`` allows (never [CLS] at 0), end ≥
+    start, at most ``max_answer_len`` tokens. The null score is start[0] + end[0]. Works on
+    a bare mask, so the edge runtime needs no ``QAFeatures``.
+    """
+    start = np.asarray(start_logits, dtype=np.float64)
+    end = np.asarray(end_logits, dtype=np.float64)
+    n, seq = start.shape
+    ctx = np.broadcast_to(np.asarray(mask, dtype=bool), start.shape).copy()
+    ctx[:, 0] = False
+    k = min(n_best, seq)
+    s_idx, s_val = _top_k(np.where(ctx, start, -np.inf), k)
+    e_idx, e_val = _top_k(np.where(ctx, end, -np.inf), k)
+    scores = s_val[:, :, None] + e_val[:, None, :]
+    length = e_idx[:, None, :] - s_idx[:, :, None]
+    scores = np.where((length >= 0) & (length < max_answer_len), scores, -np.inf).reshape(n, -1)
+    flat = scores.argmax(axis=1)
+    si, ei = np.unravel_index(flat, (k, k))
+    rows = np.arange(n)
+    return s_idx[rows, si], e_idx[rows, ei], scores[rows, flat], start[:, 0] + end[:, 0]
+
+
+def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argpartition(-values, k - 1, axis=1)[:, :k]
+    return idx, np.take_along_axis(values, idx, 1)
+
+
 def best_spans_per_feature(
     start_logits: np.ndarray,
     end_logits: np.ndarray,
@@ -44,25 +79,9 @@ def best_spans_per_feature(
     n_best: int = 20,
     max_answer_len: int = 30,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(start token, end token, span score, null score) of each window, vectorised."""
-    n, seq = start_logits.shape
-    valid = features.offsets[:, :seq, 0] >= 0
-    s = np.where(valid, start_logits, -np.inf)
-    e = np.where(valid, end_logits, -np.inf)
-    k = min(n_best, seq)
-    s_idx = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    e_idx = np.argpartition(-e, k - 1, axis=1)[:, :k]
-    s_val = np.take_along_axis(s, s_idx, 1)
-    e_val = np.take_along_axis(e, e_idx, 1)
-    scores = s_val[:, :, None] + e_val[:, None, :]
-    length = e_idx[:, None, :] - s_idx[:, :, None]
-    scores = np.where((length >= 0) & (length < max_answer_len), scores, -np.inf)
-    flat = scores.reshape(n, -1).argmax(1)
-    si, ei = np.unravel_index(flat, (k, k))
-    rows = np.arange(n)
-    best = scores.reshape(n, -1)[rows, flat]
-    null = start_logits[:, 0] + end_logits[:, 0]
-    return s_idx[rows, si], e_idx[rows, ei], best, null
+    """``best_span`` over each window's context tokens (offsets ≥ 0)."""
+    mask = features.offsets[:, : start_logits.shape[1], 0] >= 0
+    return best_span(start_logits, end_logits, mask, n_best, max_answer_len)
 
 
 def predict_answers(
