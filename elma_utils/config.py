@@ -70,6 +70,8 @@ class Profile:
     eval_batch_size: int = 64
     seed: int = 13
     backbone_source: str | None = None  # ALBERT weights: preset name, Google checkpoint or TF-Hub module
+    exit_epochs: float = 0.2  # training of the exit heads (share of an epoch of the train features)
+    exit_compare_questions: int = 2000  # dev-v1.1 questions used to compare exit training modes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,6 +95,8 @@ PROFILES: dict[str, Profile] = {
         v2_unanswerable_ratio=0.5,
         checkpoint_every=2,
         eval_batch_size=32,
+        exit_epochs=1.0,
+        exit_compare_questions=120,
     ),
     # Real results on 2 CPU cores: MiniLM fine-tuned on a SQuAD v1.1 subset, whole dev sets evaluated.
     "cpu": Profile(

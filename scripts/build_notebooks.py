@@ -162,3 +162,113 @@ if __name__ == "__main__":
     (ROOT / "notebooks").mkdir(exist_ok=True)
     nbf.write(notebook(NB01), ROOT / "notebooks" / "01_squad_data.ipynb")
     nbf.write(notebook(NB02), ROOT / "notebooks" / "02_finetune_full_model.ipynb")
+
+NB03 = [
+    (
+        "md",
+        "# 03 · Early exit\n\nAn exit head after every layer of the fine-tuned model; a question leaves at the "
+        "first layer whose **span entropy** (softmax over context tokens and [CLS] only, normalised by "
+        "log of their number, the larger of start and end) is ≤ E_T. Here: the three ways to train the "
+        "exits compared, E_T chosen automatically for at most 1 F1 below full depth — on one half of the "
+        "dev articles and applied to the other half — the exit-layer histogram, measured speed-up of the "
+        "layer-by-layer runtime at batch 1, and the entropy predictor that offloads hopeless questions "
+        "after layer 1.",
+    ),
+    PARAMS,
+    ("code", "modes = ['distill', 'two_stage', 'joint']\nmax_f1_loss = 1.0"),
+    (
+        "code",
+        "import numpy as np\n\nfrom elma_utils import config, reporting\n"
+        "from elma_utils.early_exit import (EntropyExitPredictor, evaluate_predictor, plot_exit_histogram,\n"
+        "                                   plot_f1_vs_exit_layer, plot_f1_vs_latency, sweep_thresholds)\n"
+        "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.model.finetune import finetune\n"
+        "\n"
+        "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\n"
+        "model_dir = finetune(P, data_dir=data_dir, verbose=0)  # the full model (trained by notebook 02)\nmodel_dir",
+    ),
+    (
+        "md",
+        "## Three ways to train the exits, compared\nOn the first dev-v1.1 questions: per-layer F1, and "
+        "the cross-fitted early-exit result (F1, average exit layer) at ≤ 1 F1 loss.",
+    ),
+    (
+        "code",
+        "compare = {}\nexit_dirs = {}\nn_cmp = P.exit_compare_questions\n"
+        "titles_cmp = [e.title for e in ee.dev_questions('1.1', n_cmp, data_dir)[1]]\n"
+        "for mode in modes:\n"
+        "    exit_dirs[mode] = ee.train_exits(model_dir, mode, profile=P, epochs=P.exit_epochs, data_dir=data_dir, verbose=0)\n"
+        "    s = ee.layerwise_dev_stats(exit_dirs[mode], '1.1', n_cmp, data_dir=data_dir)\n"
+        "    cf = ee.cross_fitted_exit(s, titles_cmp, max_f1_loss)\n"
+        "    compare[mode] = {'per_layer_f1': (100 * s['f1'].mean(1)).round(2).tolist(),\n"
+        "                     **{k: v for k, v in cf.items() if k not in ('exit_layers', 'threshold_per_question')}}\n"
+        "compare",
+    ),
+    (
+        "code",
+        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(figsize=(6, 3.4))\n"
+        "for mode, r in compare.items():\n    ax.plot(range(1, len(r['per_layer_f1']) + 1), r['per_layer_f1'], marker='o', label=mode)\n"
+        "ax.set_xlabel('exit layer'); ax.set_ylabel('F1 (dev-v1.1 subset)'); ax.legend(); fig.tight_layout()\n"
+        "reporting.save_figure(fig, '03_exit_f1_per_layer_by_mode', REPORTS)",
+    ),
+    (
+        "code",
+        "reference = compare['two_stage']['full_depth_f1'] if 'two_stage' in compare else max(r['full_depth_f1'] for r in compare.values())\n"
+        "ok = {m: r for m, r in compare.items() if r['f1'] >= reference - max_f1_loss}\n"
+        "best_mode = min(ok or compare, key=lambda m: (ok or compare)[m]['avg_exit_layer'])\n"
+        "print('reference F1', reference, '→ best mode:', best_mode)",
+    ),
+    (
+        "md",
+        "## The whole dev-v1.1 set with the best mode\nE_T is tuned on one half of the articles and applied "
+        "to the other (both ways). Latency per layer is measured at batch 1, sequence 384.",
+    ),
+    (
+        "code",
+        "multi, _, _, _ = ee.load_exits(exit_dirs[best_mode])\nlat = ee.layer_latency_ms(multi, seq_len=P.max_seq_len)\n"
+        "full = ee.layerwise_dev_stats(exit_dirs[best_mode], '1.1', P.eval_examples, data_dir=data_dir)\n"
+        "titles = [e.title for e in ee.dev_questions('1.1', P.eval_examples, data_dir)[1]]\n"
+        "cf = ee.cross_fitted_exit(full, titles, max_f1_loss, layer_latency_ms=np.array(lat['layer_ms']))\n"
+        "summary_v11 = {k: v for k, v in cf.items() if k not in ('exit_layers', 'threshold_per_question')}\n"
+        "summary_v11['per_layer_f1'] = (100 * full['f1'].mean(1)).round(2).tolist()\nlat, summary_v11",
+    ),
+    (
+        "code",
+        "sweep = sweep_thresholds(full['f1'], full['entropy'], np.array(lat['layer_ms']))\n"
+        "chosen = sweep.point(int(np.argmin(np.abs(sweep.values - np.mean(cf['thresholds'])))))\n"
+        "reporting.save_figure(plot_f1_vs_exit_layer(sweep, chosen, max_f1_loss=max_f1_loss), '03_f1_vs_exit_layer', REPORTS)\n"
+        "reporting.save_figure(plot_f1_vs_latency(sweep, chosen, max_f1_loss=max_f1_loss), '03_f1_vs_latency', REPORTS)\n"
+        "reporting.save_figure(plot_exit_histogram(cf['exit_layers'], multi.num_exits), '03_exit_histogram', REPORTS)",
+    ),
+    (
+        "md",
+        "## Measured speed-up of the layer-by-layer runtime (batch 1)\nThe same questions through all "
+        "layers and with early exit; wall-clock time per question, tokenisation excluded.",
+    ),
+    (
+        "code",
+        "n_speed = 300 if P.name != 'smoke' else 20\nthr = float(cf['threshold_per_question'][0])\n"
+        "speed = ee.measure_speedup(exit_dirs[best_mode], thr, '1.1', n_questions=n_speed, data_dir=data_dir)\nspeed",
+    ),
+    (
+        "md",
+        "## Entropy predictor (EdgeBERT's look-up table)\nFrom layer 1's entropy, predict whether a question "
+        "will exit on the device; send the hopeless ones to the server at once. Fitted on one half of the "
+        "articles, evaluated on the other.",
+    ),
+    (
+        "code",
+        "half = np.array([t in set(sorted(set(titles))[::2]) for t in titles])\nK = multi.num_exits\n"
+        "layers = np.minimum(cf['exit_layers'], K)\nexit_f1 = full['f1'][layers - 1, np.arange(len(layers))]\n"
+        "pred = EntropyExitPredictor(K, layer=1, threshold=thr).fit(full['entropy'][0][half], cf['exit_layers'][half])\n"
+        "predictor = evaluate_predictor(pred, full['entropy'][0][~half], cf['exit_layers'][~half], exit_f1[~half],\n"
+        "                               full['f1'][-1][~half], layer_latency_ms=np.array(lat['layer_ms']))\npredictor",
+    ),
+    (
+        "code",
+        "reporting.save_metrics('03_early_exit', {'profile': P.name, 'modes': compare, 'best_mode': best_mode,\n"
+        "    'layer_latency': lat, 'dev_v1_1': summary_v11, 'runtime_speedup': speed, 'entropy_predictor': predictor}, REPORTS)",
+    ),
+]
+
+if __name__ == "__main__":
+    nbf.write(notebook(NB03), ROOT / "notebooks" / "03_early_exit.ipynb")

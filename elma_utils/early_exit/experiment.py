@@ -113,32 +113,170 @@ def load_exits(exits_dir: Path):
     return multi, tokenizer, config, ecfg
 
 
+def dev_questions(version: str, n_questions: int | None = None, data_dir: Path | None = None):
+    """(dataset, examples): all dev questions, or ``n_questions`` spread evenly over the file
+    (so that every article is represented and article-level halves are possible)."""
+    from elma_utils.squad.data import load_squad
+
+    ds = load_squad(version, "dev", data_dir=data_dir)
+    if n_questions is None or n_questions >= len(ds.examples):
+        return ds, ds.examples
+    idx = np.linspace(0, len(ds.examples) - 1, n_questions).round().astype(int)
+    return ds, [ds.examples[i] for i in idx]
+
+
 def layerwise_dev_stats(
     exits_dir: Path,
     version: str = "1.1",
-    limit: int | None = None,
+    n_questions: int | None = None,
     data_dir: Path | None = None,
     rule: str = "max",
 ) -> dict:
-    """Per-layer, per-question entropy / F1 / spans of a dev set, cached as npz next to the exits."""
+    """Per-layer, per-question entropy / F1 / spans of dev questions (``dev_questions``),
+    cached as npz next to the exits."""
     from elma_utils.early_exit.calibration import layerwise_question_stats
-    from elma_utils.squad.data import load_squad
     from elma_utils.squad.features import build_features
 
     exits_dir = Path(exits_dir)
-    cache = exits_dir / f"layerwise-dev-v{version}-{limit or 'all'}-{rule}.npz"
+    cache = exits_dir / f"layerwise-dev-v{version}-{n_questions or 'all'}-{rule}.npz"
     if cache.is_file():
         with np.load(cache) as d:
             return {k: d[k] for k in d.files}
     multi, tokenizer, config, _ = load_exits(exits_dir)
-    ds = load_squad(version, "dev", data_dir=data_dir, limit=limit)
+    ds, examples = dev_questions(version, n_questions, data_dir)
     feats = build_features(
-        ds.examples, tokenizer, config["max_seq_len"], config["doc_stride"], config["max_query_len"]
+        examples, tokenizer, config["max_seq_len"], config["doc_stride"], config["max_query_len"]
     )
     start, end = predict_exit_logits(multi, feats)
     stats = layerwise_question_stats(
-        ds.examples, feats, start.transpose(1, 0, 2), end.transpose(1, 0, 2), ds.raw, version, rule=rule
+        examples, feats, start.transpose(1, 0, 2), end.transpose(1, 0, 2), ds.raw, version, rule=rule
     )
     arrays = {k: np.asarray(v) for k, v in stats.items() if k != "predictions"}
     np.savez(cache, **arrays)
     return arrays
+
+
+def cross_fitted_exit(
+    stats: dict,
+    titles: list[str],
+    max_f1_loss: float = 1.0,
+    seed: int = 0,
+    layer_latency_ms: np.ndarray | None = None,
+) -> dict:
+    """Choose E_T on one half of the articles, apply it to the other half, and vice versa.
+
+    Returns the held-out F1, average exit layer and share that no layer settles, with the
+    per-question exit layers (K + 1: not settled; those are answered by the last layer here,
+    i.e. the full model without offloading).
+    """
+    from elma_utils.early_exit.calibration import choose_threshold, sweep_thresholds
+    from elma_utils.early_exit.policies import simulate_exits
+
+    f1, entropy = np.asarray(stats["f1"]), np.asarray(stats["entropy"])
+    k, n = f1.shape
+    unique = sorted(set(titles))
+    rng = np.random.default_rng(seed)
+    half = set(rng.permutation(unique)[: len(unique) // 2].tolist())
+    in_a = np.array([t in half for t in titles])
+    exit_layer = np.zeros(n, dtype=int)
+    threshold_of = np.zeros(n)
+    thresholds = []
+    for tune in (in_a, ~in_a):
+        sweep = sweep_thresholds(f1[:, tune], entropy[:, tune], layer_latency_ms)
+        chosen = choose_threshold(sweep, max_f1_loss)
+        thresholds.append(chosen.value)
+        exit_layer[~tune] = simulate_exits(entropy[:, ~tune], None, {"threshold": chosen.value})
+        threshold_of[~tune] = chosen.value
+    layer_used = np.minimum(exit_layer, k)
+    got = f1[layer_used - 1, np.arange(n)]
+    return {
+        "thresholds": thresholds,
+        "f1": float(100 * got.mean()),
+        "full_depth_f1": float(100 * f1[-1].mean()),
+        "f1_loss": float(100 * (f1[-1].mean() - got.mean())),
+        "avg_exit_layer": float(layer_used.mean()),
+        "share_not_settled": float(np.mean(exit_layer > k)),
+        "exit_layer_histogram": np.bincount(exit_layer, minlength=k + 2)[1:].tolist(),
+        "exit_layers": exit_layer,
+        "threshold_per_question": threshold_of,
+    }
+
+
+def layer_latency_ms(multi: MultiExitQAModel, seq_len: int = 384, runs: int = 20) -> dict:
+    """Batch-1 latency of the embeddings and of each layer with its exit head (median, ms)."""
+    from elma_utils.early_exit.policies import NeverExit
+    from elma_utils.early_exit.runtime import EarlyExitRunner
+
+    runner = EarlyExitRunner(multi, NeverExit())
+    ids = np.random.default_rng(0).integers(1000, 20000, (1, seq_len)).astype("int32")
+    seg = np.zeros_like(ids)
+    seg[:, 32:] = 1
+    pad = np.ones_like(ids)
+
+    def median(fn):
+        fn()
+        fn()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times) * 1000)
+
+    x = runner._embed(ids, seg)
+    embed_ms = median(lambda: np.asarray(runner._embed(ids, seg)))
+    layers = [median(lambda f=f: np.asarray(f(x, pad, seg)[1])) for f in runner._layers]
+    return {"seq_len": seq_len, "embeddings_ms": embed_ms, "layer_ms": layers}
+
+
+def measure_speedup(
+    exits_dir: Path,
+    threshold: float,
+    version: str = "1.1",
+    n_questions: int = 300,
+    offset: int = 0,
+    data_dir: Path | None = None,
+) -> dict:
+    """Wall-clock time per question at batch 1: early exit at ``threshold`` vs all layers."""
+    from elma_utils.early_exit.policies import EntropyPolicy, NeverExit
+    from elma_utils.early_exit.runtime import EarlyExitRunner
+    from elma_utils.squad.data import load_squad
+    from elma_utils.squad.features import build_features
+    from elma_utils.squad.metrics import per_question_scores
+
+    multi, tokenizer, config, _ = load_exits(exits_dir)
+    ds = load_squad(version, "dev", data_dir=data_dir)
+    examples = ds.examples[offset : offset + n_questions]
+    feats = [
+        build_features(
+            [e],
+            tokenizer,
+            config["max_seq_len"],
+            config["doc_stride"],
+            config["max_query_len"],
+            progress=False,
+        )
+        for e in examples
+    ]
+    result = {}
+    for name, policy in (("full_depth", NeverExit()), ("early_exit", EntropyPolicy(threshold))):
+        runner = EarlyExitRunner(multi, policy)
+        for f, e in zip(feats[:5], examples[:5], strict=True):  # warm-up: trace the shapes
+            runner.run([e], f)
+        times, answers = [], {}
+        for f, e in zip(feats, examples, strict=True):
+            t0 = time.perf_counter()
+            [a] = runner.run([e], f)
+            times.append(time.perf_counter() - t0)
+            answers[e.qas_id] = (a.text, a.exit_layer)
+        scores = per_question_scores(ds.raw, {q: t for q, (t, _) in answers.items()}, version)
+        result[name] = {
+            "ms_per_question": float(np.mean(times) * 1000),
+            "p50_ms": float(np.median(times) * 1000),
+            "f1": float(100 * np.mean([scores[q][1] for q in answers])),
+            "avg_exit_layer": float(np.mean([lay for _, lay in answers.values()])),
+        }
+    result["speedup"] = result["full_depth"]["ms_per_question"] / result["early_exit"]["ms_per_question"]
+    result["questions"] = len(examples)
+    result["threshold"] = threshold
+    return result
