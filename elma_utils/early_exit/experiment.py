@@ -121,8 +121,15 @@ def dev_questions(version: str, n_questions: int | None = None, data_dir: Path |
     ds = load_squad(version, "dev", data_dir=data_dir)
     if n_questions is None or n_questions >= len(ds.examples):
         return ds, ds.examples
-    idx = np.linspace(0, len(ds.examples) - 1, n_questions).round().astype(int)
-    return ds, [ds.examples[i] for i in idx]
+    by_title: dict[str, list[int]] = {}
+    for i, e in enumerate(ds.examples):
+        by_title.setdefault(e.title, []).append(i)
+    share = n_questions / len(ds.examples)
+    picked: list[int] = []
+    for rows in by_title.values():  # every article, in proportion to its size
+        take = max(1, round(share * len(rows)))
+        picked.extend(rows[j] for j in np.linspace(0, len(rows) - 1, take).round().astype(int))
+    return ds, [ds.examples[i] for i in sorted(set(picked))]
 
 
 def layerwise_dev_stats(
