@@ -70,8 +70,8 @@ class Profile:
     eval_batch_size: int = 64
     seed: int = 13
     backbone_source: str | None = None  # ALBERT weights: preset name, Google checkpoint or TF-Hub module
-    exit_epochs: float = 0.2  # training of the exit heads (share of an epoch of the train features)
-    exit_compare_questions: int = 2000  # dev-v1.1 questions used to compare exit training modes
+    exit_epochs: float = 0.1  # training of the exit heads (share of an epoch of the train features)
+    exit_compare_questions: int = 1000  # dev-v1.1 questions used to compare exit training modes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
