@@ -1,0 +1,248 @@
+"""The edge bundle: one directory with everything the edge runtime needs, and a manifest.
+
+Layout::
+
+    manifest.json        format, versions, shapes, the layer schedule, sha256 + size of every file
+    thresholds.json      the calibrated exit settings (E_T, rule, policy name, optional predictor)
+    embeddings.tflite    LiteRT parts (see ``litert_parts``)
+    layer_1.tflite …     (ALBERT: group_1.tflite … + exit_1.tflite …)
+    tokenizer/           ``QATokenizer.save_assets`` (tokenizer.json + vocabulary)
+
+``write_bundle`` builds the bundle in a temporary sibling directory and renames it into
+place, so a reader never sees a half-written bundle. ``verify_bundle`` checks the manifest
+and every file (presence, size, sha256, no unexpected model files) and raises
+``BundleError`` naming the file at fault. This module imports no TensorFlow/Keras unless
+``write_bundle`` is called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT = "elma-edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+THRESHOLDS = "thresholds.json"
+TOKENIZER_DIR = "tokenizer"
+POLICY_NAMES = ("entropy", "never", "patience", "entropy+patience")
+
+
+class BundleError(ValueError):
+    """A bundle that must not be loaded: missing, truncated, altered or unknown files."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_thresholds(thresholds: dict[str, Any]) -> dict[str, Any]:
+    """Validate the exit settings stored as thresholds.json; returns a normalised copy.
+
+    Keys: ``policy`` (one of ``POLICY_NAMES``; default "entropy" when ``E_T`` is given, else
+    "never"), ``E_T`` (entropy threshold), ``rule`` (span entropy rule, default "max"),
+    ``null_threshold`` / ``no_answer_margin`` (SQuAD 2.0), ``patience``, ``predictor``
+    (optional entropy-predictor table, any JSON). Other keys are kept as notes.
+    """
+    if not isinstance(thresholds, dict):
+        raise BundleError(f"{THRESHOLDS}: expected a JSON object, got {type(thresholds).__name__}")
+    th = dict(thresholds)
+    th.setdefault("policy", "entropy" if th.get("E_T") is not None else "never")
+    th.setdefault("rule", "max")
+    if th["policy"] not in POLICY_NAMES:
+        raise BundleError(f"{THRESHOLDS}: unknown policy {th['policy']!r}; choose one of {POLICY_NAMES}")
+    if "entropy" in th["policy"]:
+        e_t = th.get("E_T")
+        if isinstance(e_t, bool) or not isinstance(e_t, int | float) or not math.isfinite(e_t):
+            raise BundleError(f"{THRESHOLDS}: policy {th['policy']!r} needs a finite number E_T, got {e_t!r}")
+    if "patience" in th["policy"] and not (isinstance(th.get("patience"), int) and th["patience"] >= 1):
+        raise BundleError(f"{THRESHOLDS}: policy {th['policy']!r} needs an integer patience ≥ 1")
+    try:
+        policy_from_thresholds(th)
+    except (TypeError, ValueError) as err:
+        raise BundleError(f"{THRESHOLDS}: {err}") from err
+    return th
+
+
+def policy_from_thresholds(th: dict[str, Any]):
+    """The exit policy described by a thresholds.json dict (pure NumPy policies)."""
+    from elma_utils.early_exit.policies import NeverExit, policy_from_params
+
+    name = th.get("policy", "entropy" if th.get("E_T") is not None else "never")
+    if name == "never":
+        return NeverExit()
+    params: dict[str, Any] = {}
+    if "entropy" in name:
+        params["threshold"] = th["E_T"]
+        for key in ("rule", "no_answer_margin", "null_threshold"):
+            if th.get(key) is not None:
+                params[key] = th[key]
+    if "patience" in name:
+        params["patience"] = th["patience"]
+    return policy_from_params(params)
+
+
+def _file_entries(root: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != MANIFEST:
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return files
+
+
+def write_bundle(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    seq_len: int,
+    precision: str,
+    thresholds: dict[str, Any],
+    model_version: str,
+    doc_stride: int = 128,
+    max_query_len: int = 64,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``model`` (a MultiExitQAModel) and everything the edge needs into ``out_dir``.
+
+    The bundle is written to a temporary sibling directory, verified, then renamed into
+    place; with ``overwrite`` an existing bundle is replaced (the old one removed only after
+    the new one is in place). ``doc_stride`` / ``max_query_len`` are the window settings the
+    edge uses to build features from text.
+    """
+    from elma_utils.export.litert_parts import export_parts, layer_schedule, part_specs
+
+    out_dir = Path(out_dir)
+    if not model_version or not isinstance(model_version, str):
+        raise ValueError("model_version must be a non-empty string")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"bundle directory {out_dir} exists; pass overwrite=True to replace it")
+    if max_query_len + 3 >= seq_len:
+        raise ValueError(
+            f"seq_len={seq_len} leaves no room for the context after max_query_len={max_query_len}"
+        )
+    th = check_thresholds(thresholds)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        parts = export_parts(model, tmp, seq_len, precision)
+        tokenizer.save_assets(tmp / TOKENIZER_DIR)
+        (tmp / THRESHOLDS).write_text(json.dumps(th, indent=2, sort_keys=True))
+        backbone = model.backbone
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_version": model_version,
+            "precision": precision,
+            "seq_len": int(seq_len),
+            "num_layers": int(model.num_exits),
+            "hidden": int(backbone.hidden_dim),
+            "backbone": type(backbone).__name__,
+            "doc_stride": int(doc_stride),
+            "max_query_len": int(max_query_len),
+            "tokenizer": TOKENIZER_DIR,
+            "embeddings": next(iter(parts)),
+            "layers": layer_schedule(model),
+            "parts": part_specs(model),
+            "files": _file_entries(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        verify_bundle(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _safe_relative(root: Path, rel: str) -> Path:
+    p = Path(rel)
+    if not rel or p.is_absolute() or ".." in p.parts:
+        raise BundleError(f"{MANIFEST}: file entry {rel!r} is not a plain relative path inside the bundle")
+    return root / p
+
+
+def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    """Check a bundle; returns its manifest or raises ``BundleError`` naming the file at fault."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"missing {MANIFEST} in {root}: not an ELMA edge bundle (or an incomplete copy)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{MANIFEST} in {root} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{MANIFEST} in {root}: expected a JSON object")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{MANIFEST}: unknown format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}"
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{MANIFEST}: unsupported format_version {manifest.get('format_version')!r}; "
+            f"this runtime reads version {FORMAT_VERSION}"
+        )
+    required = ("model_version", "precision", "seq_len", "num_layers", "hidden", "files", "layers", "parts")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise BundleError(f"{MANIFEST}: missing key(s) {missing}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{MANIFEST}: 'files' must be a non-empty object")
+    for rel, entry in files.items():
+        path = _safe_relative(root, rel)
+        if not path.is_file():
+            raise BundleError(f"missing file {rel} in bundle {root} (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise BundleError(
+                f"{rel}: {size} bytes on disk but {entry.get('bytes')} in {MANIFEST} (truncated or replaced)"
+            )
+        if sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"{rel}: sha256 does not match {MANIFEST} (file altered or corrupt)")
+    extra = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.tflite")
+        if p.relative_to(root).as_posix() not in files
+    )
+    if extra:
+        raise BundleError(f"unexpected model file(s) not in {MANIFEST}: {', '.join(extra)}")
+    needed = [manifest.get("embeddings", "embeddings.tflite"), THRESHOLDS]
+    for step in manifest["layers"]:
+        needed += [step["layer"]] + ([step["head"]] if step.get("head") else [])
+    for rel in needed:
+        if rel not in files:
+            raise BundleError(f"{MANIFEST}: {rel} is needed by the bundle but not listed in 'files'")
+    if len(manifest["layers"]) != manifest["num_layers"]:
+        raise BundleError(
+            f"{MANIFEST}: num_layers={manifest['num_layers']} but {len(manifest['layers'])} layer entries"
+        )
+    return manifest
+
+
+def read_thresholds(bundle_dir: str | Path) -> dict[str, Any]:
+    path = Path(bundle_dir) / THRESHOLDS
+    try:
+        return check_thresholds(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{THRESHOLDS}: cannot read it: {err}") from err
