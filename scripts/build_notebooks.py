@@ -158,11 +158,6 @@ NB02 = [
     ),
 ]
 
-if __name__ == "__main__":
-    (ROOT / "notebooks").mkdir(exist_ok=True)
-    nbf.write(notebook(NB01), ROOT / "notebooks" / "01_squad_data.ipynb")
-    nbf.write(notebook(NB02), ROOT / "notebooks" / "02_finetune_full_model.ipynb")
-
 NB03 = [
     (
         "md",
@@ -270,5 +265,53 @@ NB03 = [
     ),
 ]
 
+NB04 = [
+    (
+        "md",
+        "# 04 · Edge export and benchmark\n\nThe exits model of notebook 03 exported as LiteRT parts "
+        "(embeddings, then one part per layer with its exit head) in float32, float16 and dynamic-range "
+        "int8, packed into verified bundles (sha256 manifest). The Keras-free edge runtime answers the "
+        "same questions as the Keras layer-by-layer runtime; we compare answers, F1, size and latency.",
+    ),
+    PARAMS,
+    ("code", "precisions = ['float32', 'float16', 'int8']"),
+    (
+        "code",
+        "import json\n\nimport matplotlib.pyplot as plt\n\nfrom elma_utils import config, reporting\n"
+        "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.export.benchmark import compare_precisions\n"
+        "from elma_utils.model.finetune import finetune\n\nP = config.get_profile(profile)\n"
+        "REPORTS = config.reports_dir_for(P.name)\nmodel_dir = finetune(P, data_dir=data_dir, verbose=0)\n"
+        "m03 = REPORTS / 'metrics' / '03_early_exit.json'\nprev = json.loads(m03.read_text()) if m03.is_file() else {}\n"
+        "mode = prev.get('best_mode', 'distill')\nE_T = float(sum(prev['dev_v1_1']['thresholds']) / 2) if prev else 0.5\n"
+        "exits_dir = ee.train_exits(model_dir, mode, profile=P, epochs=P.exit_epochs, data_dir=data_dir, verbose=0)\n"
+        "multi, tokenizer, cfg, _ = ee.load_exits(exits_dir)\nmode, E_T",
+    ),
+    (
+        "code",
+        "n = 300 if P.name != 'smoke' else 12\nds, examples = ee.dev_questions('1.1', n, data_dir)\n"
+        "edge = compare_precisions(multi, tokenizer, cfg, config.artifacts_dir() / f'{model_dir.name}-edge', precisions,\n"
+        "                          {'E_T': E_T, 'rule': 'max'}, model_dir.name + '-' + mode, examples, ds.raw)\n"
+        "{k: {kk: vv for kk, vv in v.items() if kk != 'part_bytes'} if isinstance(v, dict) else v for k, v in edge.items()}",
+    ),
+    (
+        "code",
+        "fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))\n"
+        "axes[0].bar(precisions, [edge[p]['tflite_bytes'] / 1e6 for p in precisions]); axes[0].set_ylabel('bundle parts (MB)')\n"
+        "axes[1].bar(precisions, [edge[p]['question_ms_p50'] for p in precisions]); axes[1].set_ylabel('ms per question (p50, batch 1)')\n"
+        "fig.tight_layout()\nreporting.save_figure(fig, '04_size_and_latency_per_precision', REPORTS)",
+    ),
+    (
+        "code",
+        "reporting.save_metrics('04_edge_export_and_benchmark', {'profile': P.name, 'mode': mode, 'E_T': E_T,\n"
+        "    'seq_len': cfg['max_seq_len'], 'edge': edge}, REPORTS)",
+    ),
+]
+
 if __name__ == "__main__":
-    nbf.write(notebook(NB03), ROOT / "notebooks" / "03_early_exit.ipynb")
+    for name, cells in [
+        ("01_squad_data", NB01),
+        ("02_finetune_full_model", NB02),
+        ("03_early_exit", NB03),
+        ("04_edge_export_and_benchmark", NB04),
+    ]:
+        nbf.write(notebook(cells), ROOT / "notebooks" / f"{name}.ipynb")
