@@ -68,6 +68,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.model, seq_len=args.seq_len, runs=args.runs, eval_examples=args.eval_examples
     )
     print(json.dumps(result, indent=2))
+    if args.out:
+        from elma_utils.reporting import save_metrics
+
+        print(save_metrics(args.out, result))
     return 0
 
 
