@@ -58,7 +58,7 @@ def _fake_repo(tmp_path: Path, scripts: dict[str, str]) -> Path:
 def test_ci_run_execs_test_sh_from_the_repository_root(tmp_path: Path) -> None:
     text = (PROJECT_ROOT / ".ci/run").read_text()
     assert "set -euo pipefail" in text
-    assert re.search(r"^exec bash scripts/test\.sh\b", text, re.M)
+    assert re.search(r"^exec bash (\./)?scripts/test\.sh\b", text, re.M)
     repo = _fake_repo(
         tmp_path,
         {".ci/run": "real", "scripts/test.sh": 'echo "test.sh ran in $PWD"\nexit 3\n'},
