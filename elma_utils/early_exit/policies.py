@@ -94,6 +94,20 @@ class LayerOutput:
 
 
 @dataclass
+class EarlyExitAnswer:
+    """A question's answer from a layer-by-layer runtime (Keras or the LiteRT edge)."""
+
+    text: str
+    char_start: int
+    char_end: int
+    exit_layer: int  # 1-based layer that answered; the last layer computed when unsolved
+    solved: bool  # False: no layer was confident enough → offload
+    entropy: float
+    null_diff: float
+    entropies: list[float] = field(default_factory=list)  # per computed layer
+
+
+@dataclass
 class ExitDecision:
     """Answer with this layer's output."""
 

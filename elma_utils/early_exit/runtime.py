@@ -13,28 +13,15 @@ back ends they run as plain Keras calls.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 
 from elma_utils.early_exit.entropy import answer_space
-from elma_utils.early_exit.policies import ExitPolicy, LayerOutput
+from elma_utils.early_exit.policies import EarlyExitAnswer, ExitPolicy, LayerOutput
 from elma_utils.model.multi_exit import MultiExitQAModel
 from elma_utils.model.qa_model import answer_space_mask
 from elma_utils.squad.features import QAFeatures
-
-
-@dataclass
-class EarlyExitAnswer:
-    text: str
-    char_start: int
-    char_end: int
-    exit_layer: int  # 1-based layer that answered; the last layer computed when unsolved
-    solved: bool  # False: no layer was confident enough → offload
-    entropy: float
-    null_diff: float
-    entropies: list[float] = field(default_factory=list)  # per computed layer
 
 
 def _compile(fn):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from elma_utils.early_exit.entropy import answer_space
-from elma_utils.early_exit.policies import LayerOutput
+from elma_utils.early_exit.policies import EarlyExitAnswer, LayerOutput
 from elma_utils.export.bundle import policy_from_thresholds, read_thresholds, verify_bundle
 
 
@@ -46,17 +46,9 @@ def interpreter_class():
 
 
 @dataclass
-class EdgeAnswer:
-    """Same answer fields as ``EarlyExitAnswer`` plus per-stage timings (milliseconds)."""
+class EdgeAnswer(EarlyExitAnswer):
+    """``EarlyExitAnswer`` plus per-stage timings (milliseconds)."""
 
-    text: str
-    char_start: int
-    char_end: int
-    exit_layer: int  # 1-based layer that answered; the last layer computed when unsolved
-    solved: bool  # False: no layer was confident enough → offload
-    entropy: float
-    null_diff: float
-    entropies: list[float] = field(default_factory=list)  # per computed layer
     tokenise_ms: float = 0.0
     embeddings_ms: float = 0.0  # all windows
     layer_ms: list[float] = field(default_factory=list)  # per computed layer, all windows
