@@ -36,9 +36,13 @@ def train_exits(
     learning_rate: float = 5e-4,
     out_dir: Path | None = None,
     data_dir: Path | None = None,
+    init_exits: Path | None = None,
     verbose: int | str = "auto",
 ) -> Path:
-    """Fit one exit head per layer of ``full_model_dir``'s model; returns the exits artifact."""
+    """Fit one exit head per layer of ``full_model_dir``'s model; returns the exits artifact.
+
+    ``init_exits``: start from another exits artifact's weights (e.g. ``joint_distill``
+    continuing from ``distill``) instead of fresh heads on the fine-tuned model."""
     from elma_utils.model.finetune import training_examples
     from elma_utils.squad.features import cached_features
 
@@ -61,6 +65,8 @@ def train_exits(
     set_policy(training_policy("auto"))
     try:
         multi = MultiExitQAModel.from_span_model(span)
+        if init_exits is not None:
+            multi.load_weights(Path(init_exits) / EXITS_WEIGHTS)
         t0 = time.time()
         stats = fit_exit_heads(
             multi,
@@ -89,6 +95,7 @@ def train_exits(
                 "train": stats,
                 "epochs": epochs,
                 "learning_rate": learning_rate,
+                "init_exits": str(init_exits) if init_exits else None,
             },
             indent=2,
         )

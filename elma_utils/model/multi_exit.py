@@ -12,6 +12,9 @@ Training modes (``exit_loss``):
 - ``distill``: backbone frozen; each exit learns from the labels and from the final
   layer's start/end distributions (KL, temperature ``T``), a self-distillation that gives
   early exits the final layer's calibrated uncertainty.
+- ``joint_distill``: the backbone trains too (small learning rate), every exit on labels +
+  self-distillation with uniform weights, so the early *layers* learn to answer, not only
+  their heads. Meant to start from a ``distill`` artifact (``init_exits``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from keras import ops
 from elma_utils.model.backbones import LayerwiseEncoder
 from elma_utils.model.qa_model import SpanHead, SpanQAModel, answer_space_mask
 
-EXIT_MODES = ("two_stage", "joint", "distill")
+EXIT_MODES = ("two_stage", "joint", "distill", "joint_distill")
+BACKBONE_TRAINING_MODES = ("joint", "joint_distill")
+DISTILL_MODES = ("distill", "joint_distill")
 
 
 class MultiExitQAModel(keras.Model):
@@ -69,18 +74,19 @@ class MultiExitQAModel(keras.Model):
         if mode not in EXIT_MODES:
             raise ValueError(f"unknown exit training mode {mode!r}; choose one of {EXIT_MODES}")
         full_depth = self.num_exits == self.encoder.num_layers
-        self.backbone.trainable = mode == "joint"
+        trains_backbone = mode in BACKBONE_TRAINING_MODES
+        self.backbone.trainable = trains_backbone
         self.backbone.pooled_dense.trainable = False
         for head in self.exit_heads[:-1]:
             head.trainable = True
-        self.exit_heads[-1].trainable = mode == "joint" or not full_depth
+        self.exit_heads[-1].trainable = trains_backbone or not full_depth
 
 
 class ExitLoss(keras.losses.Loss):
     """Cross-entropy of every exit against the label, plus optional distillation.
 
     ``y_pred`` is [batch, exits, seq] logits, ``y_true`` the label index [batch].
-    Weights: uniform (two_stage, distill) or ∝ exit number (joint, as PABEE).
+    Weights: uniform (two_stage, distill, joint_distill) or ∝ exit number (joint, as PABEE).
     Distillation: KL(teacher ‖ exit) at temperature T, teacher = the last exit, no gradient.
     """
 
@@ -105,7 +111,7 @@ class ExitLoss(keras.losses.Loss):
         labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
         total = 0.0
         teacher = None
-        if self.mode == "distill":
+        if self.mode in DISTILL_MODES:
             teacher = ops.stop_gradient(ops.softmax(y_pred[:, -1] / self.temperature, axis=-1))
         for i in range(self.num_exits):
             logits = y_pred[:, i]
