@@ -234,13 +234,28 @@ def test_write_bundle_refuses_to_clobber_and_bad_thresholds(setup, minilm_tokeni
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.tmp-*"))
 
 
-def test_edge_runtime_imports_no_tensorflow():
+def test_edge_answers_text_without_importing_keras_or_tensorflow(setup, bundles):
+    """Load a bundle and answer a question from raw text in a fresh interpreter: the edge path
+    (bundle check, tokenizer, LiteRT parts, policy) must pull in no Keras/TensorFlow."""
+    _, examples, _ = setup
+    ex = examples[0]
     code = (
-        "import sys, elma_utils.export.edge_runtime, elma_utils.export; "
-        "print(sorted(m for m in ('tensorflow', 'keras', 'keras_hub') if m in sys.modules))"
+        "import sys, json\n"
+        "from elma_utils.export.edge_runtime import EdgeModel\n"
+        "edge = EdgeModel.load(sys.argv[1])\n"
+        "a = edge.answer(sys.argv[2], sys.argv[3])\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'keras_hub', 'tensorflow_text') if m in sys.modules)\n"
+        "print(json.dumps({'heavy': heavy, 'text': a.text, 'layer': a.exit_layer}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(bundles["float32"]), ex.question, ex.context],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == []
+    assert got["text"] and got["text"] in ex.context and got["layer"] in (1, 2)
 
 
 def test_albert_exports_one_shared_part_per_group(tmp_path):

@@ -80,3 +80,49 @@ def test_bad_tokenizer_inputs_are_clear(tmp_path):
         QATokenizer("bpe", tmp_path / "v.txt")
     with pytest.raises(FileNotFoundError, match="not a saved ELMA tokenizer"):
         QATokenizer.from_assets(tmp_path)
+
+
+def _all_dev_texts(dataset) -> list[str]:
+    return list(dict.fromkeys(e.context for e in dataset.examples)) + [e.question for e in dataset.examples]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wordpiece", "sentencepiece"])
+def test_python_backend_equals_keras_hub_on_every_dev_text(kind, dev_v11, minilm_tokenizer, albert_tokenizer):
+    """The edge's keras-free tokenizer gives the training tokenizer's ids and offsets."""
+    reference = minilm_tokenizer if kind == "wordpiece" else albert_tokenizer
+    edge = QATokenizer(kind, reference.vocab_path, backend="python")
+    assert (edge.cls_id, edge.sep_id, edge.pad_id, edge.vocab_size) == (
+        reference.cls_id,
+        reference.sep_id,
+        reference.pad_id,
+        reference.vocab_size,
+    )
+    texts = _all_dev_texts(dev_v11) + UNICODE_TEXTS + ["x" * 150, "supercalifragilisticexpialidocious"]
+    if kind == "sentencepiece":
+        texts = texts[::4]  # keras-hub's SentencePiece is the slow side; a quarter is > 3,000 texts
+    mismatches = [
+        text[:60]
+        for text, (a_ids, a_offs), (b_ids, b_offs) in zip(
+            texts, reference.encode_with_offsets(texts), edge.encode_with_offsets(texts), strict=True
+        )
+        if a_ids.tolist() != b_ids.tolist() or a_offs.tolist() != b_offs.tolist()
+    ]
+    assert len(texts) > 3000
+    assert mismatches == []
+
+
+def test_python_wordpiece_rules():
+    """Longest match first, ## continuations, an uncoverable or over-long word is one [UNK]."""
+    from elma_utils.model.piece_backends import PythonWordPiece
+
+    wp = PythonWordPiece(minilm_vocab_path())
+    ids = wp.pieces(["unaffable", "x" * 101, "\u2603\u2603"])
+    assert [wp.id_to_token(i) for i in ids[0]] == ["una", "##ffa", "##ble"]
+    assert [wp.id_to_token(i) for i in ids[1]] == ["[UNK]"]
+    assert len(ids[2]) == 1 and wp.id_to_token(ids[2][0]) == "[UNK]"
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="piece backend"):
+        QATokenizer("wordpiece", minilm_vocab_path(), backend="rust")

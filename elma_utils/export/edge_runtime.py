@@ -12,9 +12,10 @@ Interpreter: ``ai_edge_litert`` first, then ``tflite_runtime``, then ``tensorflo
 only when neither is installed.
 
 Tokenizer: ``answer(question, context)`` tokenises with ``QATokenizer.from_assets`` on the
-bundle's ``tokenizer/`` directory, which uses keras-hub's Python tokenizers (so text input
-needs keras-hub installed; the model itself does not). ``answer_features`` takes features
-built elsewhere and needs neither. A keras-free tokenizer is a follow-up.
+bundle's ``tokenizer/`` directory with the ``python`` piece backend (plain-Python WordPiece,
+or the ``sentencepiece`` package for ALBERT): the same ids as training, and the device needs
+neither Keras nor TensorFlow (a test answers a question in a fresh interpreter and checks
+that neither module was imported).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class EdgeModel:
             from elma_utils.model.tokenizers import QATokenizer
 
             self._tokenizer = QATokenizer.from_assets(
-                self.bundle_dir / self.manifest.get("tokenizer", "tokenizer")
+                self.bundle_dir / self.manifest.get("tokenizer", "tokenizer"), backend="python"
             )
         return self._tokenizer
 

@@ -129,29 +129,27 @@ def pre_tokenize(text: str, split_punct: bool = True) -> list[Word]:
 class QATokenizer:
     """Text → token ids with (start, end) character offsets into the original text."""
 
-    def __init__(self, kind: str, vocab_path: str | Path):
-        import keras_hub
+    def __init__(self, kind: str, vocab_path: str | Path, backend: str = "keras_hub"):
+        """``backend``: 'keras_hub' (training side) or 'python' (edge: no Keras/TensorFlow);
+        both give the same ids (see ``piece_backends``)."""
+        from elma_utils.model.piece_backends import piece_backend
 
+        if kind not in ("wordpiece", "sentencepiece"):
+            raise ValueError(f"unknown tokenizer kind {kind!r}; use 'wordpiece' or 'sentencepiece'")
         self.kind = kind
+        self.backend = backend
         self.vocab_path = Path(vocab_path)
         if not self.vocab_path.is_file():
             raise FileNotFoundError(f"tokenizer vocabulary not found: {self.vocab_path}")
+        self._tok = piece_backend(kind, self.vocab_path, backend)
         if kind == "wordpiece":
-            self._tok = keras_hub.tokenizers.WordPieceTokenizer(
-                vocabulary=str(self.vocab_path), lowercase=False, strip_accents=False, split=False
-            )
-            self.cls_id = self._tok.token_to_id("[CLS]")
-            self.sep_id = self._tok.token_to_id("[SEP]")
             self.pad_id = self._tok.token_to_id("[PAD]")
             self.unk_token = "[UNK]"
-        elif kind == "sentencepiece":
-            self._tok = keras_hub.tokenizers.SentencePieceTokenizer(proto=str(self.vocab_path))
-            self.cls_id = self._tok.token_to_id("[CLS]")
-            self.sep_id = self._tok.token_to_id("[SEP]")
+        else:
             self.pad_id = self._tok.token_to_id("<pad>")
             self.unk_token = "<unk>"
-        else:
-            raise ValueError(f"unknown tokenizer kind {kind!r}; use 'wordpiece' or 'sentencepiece'")
+        self.cls_id = self._tok.token_to_id("[CLS]")
+        self.sep_id = self._tok.token_to_id("[SEP]")
         self.vocab_size = int(self._tok.vocabulary_size())
 
     @classmethod
@@ -166,13 +164,7 @@ class QATokenizer:
 
     # ----------------------------------------------------------------- encoding
     def _piece_ids(self, words: list[str]) -> list[list[int]]:
-        if not words:
-            return []
-        if self.kind == "wordpiece":
-            out = self._tok.tokenize([[w] for w in words])
-        else:
-            out = self._tok.tokenize(words)
-        return [list(map(int, x)) for x in out]
+        return self._tok.pieces(words)
 
     def _piece_len(self, piece: str, first: bool) -> int | None:
         """Characters of the normalised word a piece covers (None when unknown)."""
@@ -235,13 +227,13 @@ class QATokenizer:
         return directory / ASSET_FILE
 
     @classmethod
-    def from_assets(cls, directory: str | Path) -> QATokenizer:
+    def from_assets(cls, directory: str | Path, backend: str = "keras_hub") -> QATokenizer:
         directory = Path(directory)
         spec_file = directory / ASSET_FILE
         if not spec_file.is_file():
             raise FileNotFoundError(f"no {ASSET_FILE} in {directory}: not a saved ELMA tokenizer")
         spec = json.loads(spec_file.read_text())
-        return cls(spec["kind"], directory / spec["vocab"])
+        return cls(spec["kind"], directory / spec["vocab"], backend)
 
 
 def load_tokenizer(kind: str) -> QATokenizer:
