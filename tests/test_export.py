@@ -301,3 +301,33 @@ def test_albert_exports_one_shared_part_per_group(tmp_path):
         assert np.abs(out["start_logits"][0][m] - np.asarray(ref["start_logits"])[0, i][m]).max() < 1e-4
         assert np.abs(out["end_logits"][0][m] - np.asarray(ref["end_logits"])[0, i][m]).max() < 1e-4
     assert part["group_1.tflite"].calls == 2 and part["exit_1.tflite"].calls == 1
+
+
+def test_dynamic_length_runs_unpadded_and_matches_a_fixed_length_bundle(
+    setup, bundles, minilm_tokenizer, tmp_path
+):
+    """Dynamic bundles run each question at its longest window; answers equal the padded ones."""
+    multi, examples, feats = setup
+    fixed_dir = write_bundle(
+        multi,
+        minilm_tokenizer,
+        tmp_path / "fixed",
+        seq_len=SEQ,
+        precision="float32",
+        thresholds={"policy": "entropy", "E_T": 0.5, "rule": "max"},
+        model_version="tiny-test-1",
+        doc_stride=WINDOWS["doc_stride"],
+        max_query_len=WINDOWS["max_query_len"],
+        dynamic_length=False,
+    )
+    fixed, dynamic = EdgeModel.load(fixed_dir), EdgeModel.load(bundles["float32"])
+    assert (fixed.dynamic_length, dynamic.dynamic_length) == (False, True)
+    got_fixed = fixed.answer_features(examples, feats, policy=NeverExit())
+    got_dynamic = dynamic.answer_features(examples, feats, policy=NeverExit())
+    assert [(a.text, a.char_start) for a in got_dynamic] == [(a.text, a.char_start) for a in got_fixed]
+    for a, b in zip(got_dynamic, got_fixed, strict=True):
+        np.testing.assert_allclose(a.entropies, b.entropies, atol=1e-5)
+    shortest = int(feats.lengths.min())
+    assert shortest < SEQ  # the dev questions have short windows: the test means something
+    assert dynamic.embeddings.resizes > 0 and fixed.embeddings.resizes == 0
+    assert fixed.embeddings.input_shapes["token_ids"] == (1, SEQ)

@@ -113,13 +113,15 @@ def write_bundle(
     doc_stride: int = 128,
     max_query_len: int = 64,
     overwrite: bool = False,
+    dynamic_length: bool = True,
 ) -> Path:
     """Export ``model`` (a MultiExitQAModel) and everything the edge needs into ``out_dir``.
 
     The bundle is written to a temporary sibling directory, verified, then renamed into
     place; with ``overwrite`` an existing bundle is replaced (the old one removed only after
     the new one is in place). ``doc_stride`` / ``max_query_len`` are the window settings the
-    edge uses to build features from text.
+    edge uses to build features from text. ``dynamic_length``: parts accept any window length
+    up to ``seq_len`` (the edge runs each window unpadded) instead of exactly ``seq_len``.
     """
     from elma_utils.export.litert_parts import export_parts, layer_schedule, part_specs
 
@@ -136,7 +138,7 @@ def write_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        parts = export_parts(model, tmp, seq_len, precision)
+        parts = export_parts(model, tmp, seq_len, precision, dynamic_length=dynamic_length)
         tokenizer.save_assets(tmp / TOKENIZER_DIR)
         (tmp / THRESHOLDS).write_text(json.dumps(th, indent=2, sort_keys=True))
         backbone = model.backbone
@@ -146,6 +148,7 @@ def write_bundle(
             "model_version": model_version,
             "precision": precision,
             "seq_len": int(seq_len),
+            "dynamic_length": bool(dynamic_length),
             "num_layers": int(model.num_exits),
             "hidden": int(backbone.hidden_dim),
             "backbone": type(backbone).__name__,

@@ -1,8 +1,9 @@
 """Answer questions on the edge from a bundle: LiteRT parts + NumPy, no Keras or TensorFlow.
 
 ``EdgeModel.load(bundle_dir)`` verifies the bundle (sizes, sha256) before opening any part.
-A question runs its windows one at a time (batch 1, fixed length ``seq_len``: every window
-is padded to it): embeddings, then layer 1 and its exit, then layer 2 … After each layer the
+A question runs its windows one at a time (batch 1; a bundle with ``dynamic_length`` runs
+them at the question's longest window length, an older fixed-shape bundle pads every window
+to ``seq_len``): embeddings, then layer 1 and its exit, then layer 2 … After each layer the
 question's windows are judged together with the same ``LayerOutput.from_logits`` and
 exit policy as the Keras ``EarlyExitRunner``; at the first decision nothing further is run.
 A question that no layer settles comes back ``solved=False`` with the last layer's answer
@@ -81,9 +82,23 @@ class LitePart:
         if len(out) != len(outputs):
             raise ValueError(f"{self.path.name}: {len(out)} outputs, the manifest lists {len(outputs)}")
         self._outputs = [d["index"] for d in out]
+        self.dynamic = any(int(d["shape_signature"][1]) == -1 for d in details.values())
         self.calls = 0
+        self.resizes = 0
+
+    def _fit_to(self, inputs: dict[str, np.ndarray]) -> None:
+        """Resize a dynamic part to this call's sequence length (cheap: no weight copy)."""
+        if all(tuple(np.shape(inputs[n])) == self.input_shapes[n] for n in self._inputs):
+            return
+        for name, (index, _) in self._inputs.items():
+            self.interpreter.resize_tensor_input(index, list(np.shape(inputs[name])))
+        self.interpreter.allocate_tensors()
+        self.input_shapes = {n: tuple(np.shape(inputs[n])) for n in self._inputs}
+        self.resizes += 1
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if self.dynamic:
+            self._fit_to(inputs)
         for name, (index, dtype) in self._inputs.items():
             self.interpreter.set_tensor(index, np.asarray(inputs[name], dtype=dtype))
         self.interpreter.invoke()
@@ -101,6 +116,7 @@ class EdgeModel:
         self.manifest = manifest
         self.thresholds = thresholds
         self.seq_len = int(manifest["seq_len"])
+        self.dynamic_length = bool(manifest.get("dynamic_length", False))
         self.num_layers = int(manifest["num_layers"])
         specs = manifest["parts"]
 
@@ -184,6 +200,8 @@ class EdgeModel:
                 f"a window has {int(features.lengths[rows].max())} tokens; this bundle takes at most {L}"
             )
         n = min(features.max_seq_len, L)
+        if self.dynamic_length and len(rows):
+            L = n = int(features.lengths[rows].max())  # the question's longest window, unpadded
         inputs = features.model_inputs(rows, n)
         offsets = np.full((len(rows), L, 2), -1, dtype=np.int32)
         offsets[:, :n] = features.offsets[rows, :n]

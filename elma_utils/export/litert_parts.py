@@ -1,7 +1,9 @@
 """Export a ``MultiExitQAModel`` as LiteRT (.tflite) parts so that early exit stops computing.
 
-One file per stage, each with fixed shapes (batch 1, sequence length ``seq_len``; the edge
-pads every window to it):
+One file per stage, batch 1. With ``dynamic_length`` (the default) the sequence dimension is
+left open (-1 in the LiteRT signature) and the edge resizes the inputs to each question's
+longest window, so a 150-token window costs 150 tokens, not ``seq_len``; otherwise every
+window is padded to ``seq_len``:
 
 - ``embeddings.tflite``: ``token_ids``, ``segment_ids`` int32 [1, L] → ``hidden`` [1, L, H].
 - BERT-like backbones: ``layer_{i}.tflite`` for every kept layer i = 1..K:
@@ -166,9 +168,15 @@ def part_specs(model: MultiExitQAModel) -> dict[str, dict[str, list[str]]]:
 
 
 def export_parts(
-    model: MultiExitQAModel, out_dir: Path, seq_len: int, precision: str = "float32"
+    model: MultiExitQAModel,
+    out_dir: Path,
+    seq_len: int,
+    precision: str = "float32",
+    dynamic_length: bool = True,
 ) -> dict[str, Path]:
-    """Write the parts into ``out_dir``; returns {file name: path} in run order (embeddings first)."""
+    """Write the parts into ``out_dir``; returns {file name: path} in run order (embeddings first).
+
+    ``seq_len`` is the longest window; with ``dynamic_length`` any shorter one runs unpadded."""
     import tensorflow as tf
 
     if keras.backend.backend() != "tensorflow":
@@ -184,11 +192,12 @@ def export_parts(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.build_for()
+    length = None if dynamic_length else seq_len
     shapes = {
-        "token_ids": ((1, seq_len), tf.int32),
-        "segment_ids": ((1, seq_len), tf.int32),
-        "padding_mask": ((1, seq_len), tf.int32),
-        "hidden": ((1, seq_len, int(model.backbone.hidden_dim)), tf.float32),
+        "token_ids": ((1, length), tf.int32),
+        "segment_ids": ((1, length), tf.int32),
+        "padding_mask": ((1, length), tf.int32),
+        "hidden": ((1, length, int(model.backbone.hidden_dim)), tf.float32),
     }
     written: dict[str, Path] = {}
     for name, factory, inputs, _ in _plan(model):
