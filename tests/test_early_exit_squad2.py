@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from elma_utils.early_exit.policies import EntropyPolicy
 from elma_utils.early_exit.squad2 import (
     best_null_thresholds,
     choose_squad2,
@@ -86,3 +87,29 @@ def test_choose_squad2_says_when_nothing_qualifies():
         choose_squad2(
             sweep_squad2(stats, impossible, t_k, margins=(0.0,)), max_f1_loss=-1
         )  # F1 above full depth
+
+
+def test_per_layer_null_thresholds_in_the_policy_match_the_replay():
+    """The runtime's decide() and the sweep's simulate_exits agree with per-layer thresholds."""
+    from elma_utils.early_exit.policies import LayerOutput, null_threshold_at, simulate_exits
+
+    policy = EntropyPolicy(0.5, no_answer_margin=1.0, null_threshold=[3.0, -2.0])
+    assert policy.null_threshold == (3.0, -2.0) and null_threshold_at(policy.null_threshold, 2) == -2.0
+    entropy = np.array([[0.1, 0.1, 0.9], [0.1, 0.1, 0.1]])
+    null_diff = np.array([[2.5, 0.0, 0.0], [0.0, -1.5, 0.0]])  # q1 unsettled at layer 1 (|2.5−3| < 1)
+    replay = simulate_exits(entropy, None, policy, null_diff)
+    live = []
+    for q in range(3):
+        history = []
+        for k in range(2):
+            history.append(
+                LayerOutput(k + 1, None, None, float(entropy[k, q]), (0, 1), null_diff=null_diff[k, q])
+            )
+            if policy.decide(history) is not None:
+                live.append(k + 1)
+                break
+        else:
+            live.append(3)
+    assert replay.tolist() == live == [2, 1, 2]
+    with pytest.raises(ValueError, match="layer 3"):
+        null_threshold_at([1.0, 2.0], 3)

@@ -23,6 +23,18 @@ from elma_utils.early_exit.entropy import SPAN_RULES, best_span, exit_confidence
 
 NO_SPAN = (-1, -1)  # the best "span" of a question predicted unanswerable
 
+NullThreshold = float | Sequence[float] | None  # one for every layer, or one per layer (SQuAD 2.0)
+
+
+def null_threshold_at(value: NullThreshold, layer: int) -> float | None:
+    """Layer ``layer``'s (1-based) no-answer threshold: exits are calibrated one by one, so a
+    per-layer list is the norm on SQuAD 2.0; a single number applies to every layer."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else float(value)
+    if not 1 <= layer <= len(value):
+        raise ValueError(f"no null threshold for layer {layer}: {len(value)} per-layer values given")
+    return float(value[layer - 1])
+
 
 @dataclass
 class LayerOutput:
@@ -65,7 +77,7 @@ class LayerOutput:
         offsets: np.ndarray | None = None,
         context: str | None = None,
         rule: str = "max",
-        null_threshold: float | None = None,
+        null_threshold: NullThreshold = None,
         n_best: int = 20,
         max_answer_len: int = 30,
     ) -> LayerOutput:
@@ -73,8 +85,10 @@ class LayerOutput:
 
         ``offsets`` ([W, L, 2], from ``QAFeatures``) make the span character offsets and,
         with ``context``, give its text. With ``null_threshold`` set (SQuAD 2.0), a margin
-        above it makes the answer ``NO_SPAN`` / "" as the post-processing would.
+        above it makes the answer ``NO_SPAN`` / "" as the post-processing would (a per-layer
+        list: this layer's entry).
         """
+        null_threshold = null_threshold_at(null_threshold, layer)
         start, end = np.atleast_2d(start_logits), np.atleast_2d(end_logits)
         mask = np.broadcast_to(np.atleast_2d(np.asarray(mask, dtype=bool)), start.shape)
         entropy = float(np.max(span_entropy(start, end, mask, rule)))
@@ -128,15 +142,18 @@ class EntropyPolicy:
     """Exit at the first layer whose span entropy ≤ ``threshold`` (the design's E_T).
 
     With ``no_answer_margin`` set (SQuAD 2.0) the layer must also have a settled no-answer
-    call: |null_diff − null_threshold| ≥ no_answer_margin.
+    call: |null_diff − null_threshold| ≥ no_answer_margin (``null_threshold`` may be one
+    value per layer).
     """
 
     threshold: float
     rule: str = "max"
     no_answer_margin: float | None = None
-    null_threshold: float = 0.0
+    null_threshold: float | tuple[float, ...] = 0.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.null_threshold, int | float):
+            object.__setattr__(self, "null_threshold", tuple(float(v) for v in self.null_threshold))
         if not math.isfinite(self.threshold):
             raise ValueError(f"entropy threshold must be a finite number, got {self.threshold}")
         if self.rule not in SPAN_RULES:
@@ -154,13 +171,17 @@ class EntropyPolicy:
     def _ok(self, h: float, null_diff: float | None, layer: int) -> bool:
         if self.no_answer_margin is not None and null_diff is None:
             raise ValueError(f"layer {layer}: no_answer_margin is set but the output has no null_diff")
-        return bool(exit_confidence(h, self.threshold, null_diff, self.null_threshold, self.no_answer_margin))
+        null_threshold = null_threshold_at(self.null_threshold, layer)
+        return bool(exit_confidence(h, self.threshold, null_diff, null_threshold, self.no_answer_margin))
 
     def exit_conditions(self, entropy: np.ndarray, span: np.ndarray | None, null_diff: np.ndarray | None):
         """Bool [K, N]: would a question exit at layer k (``entropy`` computed with ``self.rule``)."""
         if self.no_answer_margin is not None and null_diff is None:
             raise ValueError("no_answer_margin is set: pass per_layer_null_diff")
-        return exit_confidence(entropy, self.threshold, null_diff, self.null_threshold, self.no_answer_margin)
+        null_threshold = self.null_threshold
+        if isinstance(null_threshold, tuple):
+            null_threshold = np.asarray(null_threshold, dtype=np.float64)[: np.shape(entropy)[0], None]
+        return exit_confidence(entropy, self.threshold, null_diff, null_threshold, self.no_answer_margin)
 
 
 @dataclass(frozen=True)

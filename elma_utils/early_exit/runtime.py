@@ -40,7 +40,7 @@ class EarlyExitRunner:
         model: MultiExitQAModel,
         policy: ExitPolicy,
         rule: str = "max",
-        null_threshold: float | None = None,
+        null_threshold: float | list[float] | None = None,
     ):
         self.model = model
         self.policy = policy
