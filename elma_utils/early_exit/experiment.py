@@ -37,12 +37,16 @@ def train_exits(
     out_dir: Path | None = None,
     data_dir: Path | None = None,
     init_exits: Path | None = None,
+    hard_negative_ratio: float = 0.0,
     verbose: int | str = "auto",
 ) -> Path:
     """Fit one exit head per layer of ``full_model_dir``'s model; returns the exits artifact.
 
     ``init_exits``: start from another exits artifact's weights (e.g. ``joint_distill``
-    continuing from ``distill``) instead of fresh heads on the fine-tuned model."""
+    continuing from ``distill``) instead of fresh heads on the fine-tuned model.
+    ``hard_negative_ratio``: add that many hard made-up unanswerable questions per answerable
+    one (``squad.hard_negatives``), so that modes that train the backbone learn SQuAD 2.0's
+    on-topic "no answer" too."""
     from elma_utils.model.finetune import training_examples
     from elma_utils.squad.features import cached_features
 
@@ -53,6 +57,10 @@ def train_exits(
     span, tokenizer, config = artifacts.load_span_model(full_model_dir)
     profile = profile or cfg.Profile(**config["profile"])
     examples = training_examples(profile, data_dir)
+    if hard_negative_ratio > 0:
+        from elma_utils.squad.hard_negatives import make_hard_unanswerable
+
+        examples = examples + make_hard_unanswerable(examples, hard_negative_ratio, seed=profile.seed)
     feats = cached_features(
         examples,
         tokenizer,
@@ -96,6 +104,7 @@ def train_exits(
                 "epochs": epochs,
                 "learning_rate": learning_rate,
                 "init_exits": str(init_exits) if init_exits else None,
+                "hard_negative_ratio": hard_negative_ratio,
             },
             indent=2,
         )
