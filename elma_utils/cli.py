@@ -75,6 +75,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from elma_utils.offload.server import serve
+
+    serve(
+        args.model,
+        args.store,
+        port=args.port,
+        unix_socket=args.unix,
+        ssh_port=args.ssh_port,
+        authorized_keys=args.authorized_keys,
+        host_key=args.host_key,
+        sftp_root=args.sftp_root,
+        null_threshold=args.null_threshold,
+        max_batch=args.max_batch,
+        ready=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from elma_utils.pipeline import PipelineError, run_pipeline
 
@@ -134,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="also save as reports/metrics/<OUT>.json (e.g. bench_inference)"
     )
     b.set_defaults(func=_cmd_bench)
+
+    sv = sub.add_parser("serve", help="answer offloaded questions (loopback only; devices come in over SSH)")
+    sv.add_argument("--model", type=Path, required=True, help="the full model's artifact directory")
+    sv.add_argument("--store", type=Path, default=Path("server/hard-questions.sqlite3"))
+    sv.add_argument("--port", type=int, default=0, help="loopback TCP port (0: any free one, printed)")
+    sv.add_argument("--unix", default=None, help="listen on this Unix socket instead of TCP")
+    sv.add_argument("--ssh-port", type=int, default=None, help="also run ELMA's own SSH endpoint here")
+    sv.add_argument("--authorized-keys", type=Path, default=None, help="client keys the endpoint accepts")
+    sv.add_argument("--host-key", type=Path, default=None, help="endpoint host key (made when missing)")
+    sv.add_argument("--sftp-root", type=Path, default=None, help="read-only SFTP root (edge bundles)")
+    sv.add_argument("--null-threshold", type=float, default=None, help="SQuAD 2.0 no-answer threshold")
+    sv.add_argument("--max-batch", type=int, default=16)
+    sv.set_defaults(func=_cmd_serve)
 
     pl = sub.add_parser("pipeline", help="run the notebooks in order with papermill")
     pl.add_argument("--profile", default=None)

@@ -1,0 +1,174 @@
+"""`EdgeQA`: answer on the device, offload only what the device cannot settle.
+
+    edge = EdgeQA(EdgeModel.load(bundle), tunnel, Outbox("edge/outbox.sqlite3"), device_id="tx2-01")
+    result = edge.answer(question, context)
+    result.text, result.source          # "edge", "server" or "edge-fallback"
+
+1. The edge model runs layer by layer and stops at the first confident exit (``solved``).
+2. An unsolved question goes to the server over the SSH tunnel with a deadline; the reply
+   is the answer (``source="server"``).
+3. If the server is unreachable, slow or refuses, the device's own best answer is returned
+   marked ``edge-fallback``, and the request is kept in the outbox (SQLite) to be sent when
+   the server is back — so the server still learns from every hard question.
+
+Contexts are sent once per connection: after the server has answered about a context, the
+device refers to it by sha256 (``context_ref``); an ``unknown_context`` reply (a restarted
+or different server) makes it resend the text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from elma_utils.offload.outbox import Outbox
+from elma_utils.offload.protocol import (
+    AnswerReply,
+    AskRequest,
+    EdgeResult,
+    ErrorReply,
+    ProtocolError,
+    context_ref,
+    decode,
+    encode,
+)
+from elma_utils.offload.ssh_client import OffloadUnavailable
+
+SOURCES = ("edge", "server", "edge-fallback")
+
+
+@dataclass
+class EdgeQAResult:
+    """The answer the user gets, where it came from, and what each stage cost (ms)."""
+
+    text: str
+    source: str  # one of SOURCES
+    char_start: int | None
+    char_end: int | None
+    exit_layer: int  # last edge layer computed
+    edge_solved: bool
+    entropies: list[float]
+    edge_ms: float
+    offload_ms: float = 0.0  # round trip, server time included
+    server_ms: float = 0.0
+    no_answer: bool = False
+    error: str | None = None  # why the server answer is missing (fallback)
+    request_id: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_ms(self) -> float:
+        return self.edge_ms + self.offload_ms
+
+
+class EdgeQA:
+    """Early exit on the device; hard questions to the server; an outbox when it is away."""
+
+    def __init__(
+        self,
+        edge_model,
+        tunnel=None,
+        outbox: Outbox | None = None,
+        *,
+        device_id: str = "edge",
+        deadline_ms: int = 2000,
+        model_version: str | None = None,
+    ):
+        self.edge = edge_model
+        self.tunnel = tunnel
+        self.outbox = outbox
+        self.device_id = device_id
+        self.deadline_ms = int(deadline_ms)
+        manifest = getattr(edge_model, "manifest", {}) or {}
+        self.model_version = model_version or str(manifest.get("model_version", "edge"))
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}"
+        self._known_contexts: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _next_id(self) -> str:
+        with self._lock:
+            return f"{self._prefix}-{next(self._ids)}"
+
+    def answer(self, question: str, context: str) -> EdgeQAResult:
+        t0 = time.perf_counter()
+        local = self.edge.answer(question, context)
+        edge_ms = (time.perf_counter() - t0) * 1000
+        result = EdgeQAResult(
+            text=local.text,
+            source="edge",
+            char_start=local.char_start if local.char_start >= 0 else None,
+            char_end=local.char_end if local.char_start >= 0 else None,
+            exit_layer=local.exit_layer,
+            edge_solved=bool(local.solved),
+            entropies=list(local.entropies),
+            edge_ms=edge_ms,
+            timings={"tokenise_ms": getattr(local, "tokenise_ms", 0.0), "edge_ms": edge_ms},
+        )
+        if local.solved:
+            return result
+        request = AskRequest(
+            id=self._next_id(),
+            device_id=self.device_id,
+            question=question,
+            edge=EdgeResult.from_answer(local, self.model_version),
+            context=context,
+            deadline_ms=self.deadline_ms,
+        )
+        result.request_id = request.id
+        t1 = time.perf_counter()
+        try:
+            reply = self.send(request)
+        except (OffloadUnavailable, ProtocolError, OSError, TimeoutError) as err:
+            result.offload_ms = (time.perf_counter() - t1) * 1000
+            result.source = "edge-fallback"
+            result.error = f"{type(err).__name__}: {err}"
+            if self.outbox is not None:
+                self.outbox.put(request)
+            return result
+        result.offload_ms = (time.perf_counter() - t1) * 1000
+        result.timings["offload_ms"] = result.offload_ms
+        result.source = "server"
+        result.text = reply.text
+        result.no_answer = reply.no_answer
+        result.char_start, result.char_end = reply.start, reply.end
+        result.server_ms = reply.server_ms
+        if self.outbox is not None and len(self.outbox):
+            self.flush_outbox()  # the server is back: send what waited
+        return result
+
+    def send(self, request: AskRequest) -> AnswerReply:
+        """One request → its ``AnswerReply`` (raises ``OffloadUnavailable``/``ProtocolError``)."""
+        if self.tunnel is None:
+            raise OffloadUnavailable("no server configured (offline device)")
+        ref = request.ref
+        if request.context is not None and ref in self._known_contexts:
+            short = AskRequest(
+                request.id, request.device_id, request.question, request.edge, None, ref, request.deadline_ms
+            )
+            reply = self._exchange(short)
+            if not (isinstance(reply, ErrorReply) and reply.code == "unknown_context"):
+                return self._accept(request, reply)
+            self._known_contexts.discard(ref)
+        return self._accept(request, self._exchange(request))
+
+    def _exchange(self, request: AskRequest):
+        timeout = (request.deadline_ms or self.deadline_ms) / 1000
+        return decode(self.tunnel.request_line(encode(request), timeout=timeout))
+
+    def _accept(self, request: AskRequest, reply) -> AnswerReply:
+        if isinstance(reply, ErrorReply):
+            raise ProtocolError(reply.code, f"server: {reply.message}", request.id)
+        if not isinstance(reply, AnswerReply) or reply.id != request.id:
+            raise ProtocolError("bad_request", f"the server's reply does not answer {request.id}", request.id)
+        self._known_contexts.add(request.ref if request.context is None else context_ref(request.context))
+        return reply
+
+    def flush_outbox(self, limit: int | None = None):
+        """Send questions kept while the server was away (oldest first; stops at a failure)."""
+        if self.outbox is None:
+            return None
+        return self.outbox.drain(self.send, limit)

@@ -1,0 +1,423 @@
+"""`elma serve`: the full model answering offloaded questions for many edge devices at once.
+
+    server = OffloadServer(ModelAnswerer.load("artifacts/minilm-cpu"), "server/hard.sqlite3")
+    server.start()                       # 127.0.0.1:<port>, or unix_socket="/path/elma.sock"
+    ...
+    server.close()
+
+Layers, each replaceable:
+- ``ModelAnswerer``: the QA model, loaded once; answers a *batch* of (question, context).
+- ``MicroBatcher``: one worker thread owns the model. Requests from all connections queue
+  up; the worker takes whatever is waiting (up to ``max_batch``, waiting at most
+  ``max_wait_ms`` for more) and answers them in one batched call, so 8 devices asking at
+  once cost far less than 8 sequential calls, and the model is never entered by two
+  threads.
+- ``OffloadService``: one message in, one reply out. An ``ask`` is answered, **stored**
+  (``HardQuestionStore``, WAL, synchronous) and only then acknowledged, so a reply the edge
+  received is never lost, even when the server is killed right after. Malformed, oversized,
+  unknown-version and unknown-context messages get an ``error`` reply; nothing a client
+  sends takes the server down.
+- ``OffloadServer``: a threaded socket server bound to loopback only (TCP or a Unix socket);
+  the encrypted ways in are SSH: OpenSSH's port forwarding, or ``SSHEndpoint`` (started by
+  ``elma serve --ssh-port``) forwarding to this socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from elma_utils.offload.protocol import (
+    MAX_MESSAGE_BYTES,
+    AnswerReply,
+    AskRequest,
+    ErrorReply,
+    Hello,
+    LineReader,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    decode,
+    encode,
+    error_reply_for,
+)
+from elma_utils.offload.store import HardQuestionStore
+
+log = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class ServerAnswer:
+    text: str
+    start: int | None
+    end: int | None
+    score: float
+    no_answer: bool
+
+
+class ModelAnswerer:
+    """A fine-tuned QA artifact (``QAModel``) answering batches; ``model_version`` names it."""
+
+    def __init__(self, qa_model, model_version: str):
+        self.qa = qa_model
+        self.model_version = model_version
+
+    @classmethod
+    def load(cls, model_dir: str | Path, null_threshold: float | None = None) -> ModelAnswerer:
+        from elma_utils.model.inference import QAModel
+
+        model_dir = Path(model_dir)
+        qa = QAModel.load(model_dir, null_threshold=null_threshold)
+        version = str(qa.config.get("model_version") or f"{model_dir.name}")
+        return cls(qa, version)
+
+    def answer_batch(self, pairs: Sequence[tuple[str, str]]) -> list[ServerAnswer]:
+        out = []
+        for a in self.qa.predict(list(pairs)):
+            span = not a.no_answer and a.char_start >= 0
+            out.append(
+                ServerAnswer(
+                    text="" if a.no_answer else a.text,
+                    start=int(a.char_start) if span else None,
+                    end=int(a.char_end) if span else None,
+                    score=float(a.score) if a.score == a.score else 0.0,  # NaN → 0 (never on the wire)
+                    no_answer=bool(a.no_answer),
+                )
+            )
+        return out
+
+
+class Overloaded(Exception):
+    """The request would miss its deadline (queue too long, or the model too slow)."""
+
+
+class MicroBatcher:
+    """One worker thread runs ``answer_batch`` on whatever requests are waiting."""
+
+    def __init__(
+        self,
+        answer_batch: Callable[[list[tuple[str, str]]], list[ServerAnswer]],
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 1024,
+    ):
+        self._answer_batch = answer_batch
+        self.max_batch, self.max_wait_s = int(max_batch), max_wait_ms / 1000
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self.batches = 0
+        self.answered = 0
+        self._thread = threading.Thread(target=self._run, name="elma-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, question: str, context: str, deadline: float | None = None) -> Future:
+        fut: Future = Future()
+        try:
+            self._queue.put_nowait((question, context, deadline, fut))
+        except queue.Full as err:
+            raise Overloaded(f"{self._queue.maxsize} questions are already waiting") from err
+        return fut
+
+    def _take(self) -> list:
+        first = self._queue.get(timeout=0.1)
+        batch = [first]
+        until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            remaining = until - time.monotonic()
+            try:
+                batch.append(
+                    self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._take()
+            except queue.Empty:
+                continue
+            now = time.monotonic()
+            live = []
+            for q, c, deadline, fut in batch:
+                if deadline is not None and now > deadline:
+                    fut.set_exception(Overloaded("the deadline passed while the question waited"))
+                elif fut.set_running_or_notify_cancel():
+                    live.append((q, c, fut))
+            if not live:
+                continue
+            try:
+                answers = self._answer_batch([(q, c) for q, c, _ in live])
+                if len(answers) != len(live):
+                    raise RuntimeError(f"answer_batch returned {len(answers)} answers for {len(live)}")
+            except Exception as exc:  # the model failed: every waiting request learns it
+                log.exception("answer_batch failed")
+                for _, _, fut in live:
+                    fut.set_exception(exc)
+                continue
+            self.batches += 1
+            self.answered += len(live)
+            for (_, _, fut), ans in zip(live, answers, strict=True):
+                fut.set_result(ans)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class OffloadService:
+    """Protocol messages in, replies out; asks are answered, stored, then acknowledged."""
+
+    def __init__(
+        self,
+        answerer: ModelAnswerer,
+        store: HardQuestionStore,
+        *,
+        name: str = "elma-server",
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        default_deadline_ms: int = 30_000,
+    ):
+        self.answerer = answerer
+        self.store = store
+        self.name = name
+        self.default_deadline_ms = default_deadline_ms
+        self.batcher = MicroBatcher(answerer.answer_batch, max_batch, max_wait_ms)
+
+    def handle_line(self, line: bytes) -> bytes:
+        """One received line → the encoded reply line (never raises for bad input)."""
+        try:
+            msg = decode(line)
+        except ProtocolError as err:
+            return encode(error_reply_for(err))
+        try:
+            return encode(self.handle(msg))
+        except ProtocolError as err:
+            return encode(error_reply_for(err, getattr(msg, "id", None)))
+        except Exception as exc:
+            log.exception("request %s failed", getattr(msg, "id", None))
+            return encode(error_reply_for(exc, getattr(msg, "id", None)))
+
+    def handle(self, msg: Message) -> Message:
+        if isinstance(msg, AskRequest):
+            return self.ask(msg)
+        if isinstance(msg, Ping):
+            return Pong(msg.id)
+        if isinstance(msg, Hello):
+            return Hello(msg.id, self.name, self.answerer.model_version, MAX_MESSAGE_BYTES)
+        raise ProtocolError("bad_request", f"a server does not accept {type(msg).TYPE!r} messages", msg.id)
+
+    def ask(self, req: AskRequest) -> AnswerReply | ErrorReply:
+        t0 = time.perf_counter()
+        context = req.context if req.context is not None else self.store.get_context(req.ref)
+        if context is None:
+            raise ProtocolError(
+                "unknown_context", f"the server holds no context {req.ref}; send the text", req.id
+            )
+        if req.edge.end is not None and req.edge.end > len(context):
+            raise ProtocolError("bad_request", "edge.end is past the end of the context", req.id)
+        deadline_ms = req.deadline_ms or self.default_deadline_ms
+        deadline = time.monotonic() + deadline_ms / 1000
+        try:
+            ans = self.batcher.submit(req.question, context, deadline).result(timeout=deadline_ms / 1000)
+        except (Overloaded, TimeoutError) as err:
+            raise ProtocolError("overloaded", f"not answered within {deadline_ms} ms: {err}", req.id) from err
+        reply = AnswerReply(
+            id=req.id,
+            text=ans.text,
+            score=ans.score,
+            no_answer=ans.no_answer,
+            model_version=self.answerer.model_version,
+            server_ms=(time.perf_counter() - t0) * 1000,
+            start=ans.start,
+            end=ans.end,
+        )
+        stored_req = req if req.context is not None else _with_context(req, context)
+        self.store.record(stored_req, reply)  # durable before the edge hears of it
+        return reply
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _with_context(req: AskRequest, context: str) -> AskRequest:
+    return AskRequest(req.id, req.device_id, req.question, req.edge, context, None, req.deadline_ms)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """One connection: read lines, answer each in order, until the peer closes."""
+
+    def handle(self) -> None:
+        service: OffloadService = self.server.service  # type: ignore[attr-defined]
+        sock: socket.socket = self.request
+        reader = LineReader(MAX_MESSAGE_BYTES)
+        self.server.connections += 1  # type: ignore[attr-defined]
+        try:
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    for err in reader.finish():
+                        with contextlib.suppress(OSError):
+                            sock.sendall(encode(error_reply_for(err)))
+                    return
+                for item in reader.feed(chunk):
+                    reply = (
+                        encode(error_reply_for(item))
+                        if isinstance(item, ProtocolError)
+                        else service.handle_line(item)
+                    )
+                    try:
+                        sock.sendall(reply)
+                    except OSError:
+                        return
+        finally:
+            self.server.connections -= 1  # type: ignore[attr-defined]
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+
+class OffloadServer:
+    """The service on a loopback TCP port (``port=0``: any free one) or a Unix socket."""
+
+    def __init__(
+        self,
+        answerer: ModelAnswerer,
+        store_path: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        unix_socket: str | Path | None = None,
+        **service_options,
+    ):
+        if unix_socket is None and host not in LOOPBACK:
+            raise ValueError(
+                f"the offload service listens on loopback only (got host {host!r}); "
+                "remote devices come in over SSH (OpenSSH port forwarding or `elma serve --ssh-port`)"
+            )
+        self.store = HardQuestionStore(store_path)
+        self.service = OffloadService(answerer, self.store, **service_options)
+        if unix_socket is not None:
+            path = Path(unix_socket)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self._server: socketserver.BaseServer = _UnixServer(str(path), _Handler)
+            os.chmod(path, 0o600)  # only this user may talk to it
+        else:
+            self._server = _TCPServer((host, port), _Handler)
+        self._server.service = self.service  # type: ignore[attr-defined]
+        self._server.connections = 0  # type: ignore[attr-defined]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self):
+        return self._server.server_address
+
+    @property
+    def port(self) -> int | None:
+        addr = self.address
+        return int(addr[1]) if isinstance(addr, tuple) else None
+
+    def start(self) -> OffloadServer:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="elma-serve", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self.service.close()
+        self.store.close()
+        if isinstance(self.address, str):
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.address).unlink()
+
+    def __enter__(self) -> OffloadServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve(
+    model_dir: str | Path,
+    store_path: str | Path,
+    *,
+    port: int = 0,
+    unix_socket: str | Path | None = None,
+    ssh_port: int | None = None,
+    authorized_keys: str | Path | None = None,
+    host_key: str | Path | None = None,
+    sftp_root: str | Path | None = None,
+    null_threshold: float | None = None,
+    max_batch: int = 16,
+    ready: Callable[[str], None] = print,
+    stop: threading.Event | None = None,
+) -> None:
+    """Load the model once, listen on loopback (and the SSH endpoint), serve until ``stop``
+    is set or SIGTERM/SIGINT. ``ready`` gets one line per listening address."""
+    import signal
+
+    if ssh_port is not None and (authorized_keys is None or host_key is None):
+        raise ValueError("--ssh-port needs --authorized-keys FILE and --host-key FILE")
+    if ssh_port is not None and unix_socket is not None:
+        raise ValueError("the SSH endpoint forwards to a TCP port: drop --unix or --ssh-port")
+    stop = stop or threading.Event()
+    answerer = ModelAnswerer.load(model_dir, null_threshold)
+    server = OffloadServer(answerer, store_path, port=port, unix_socket=unix_socket, max_batch=max_batch)
+    server.start()
+    endpoint = None
+    try:
+        where = server.address if unix_socket is not None else f"127.0.0.1:{server.port}"
+        ready(f"elma serve: model {answerer.model_version} listening on {where}")
+        if ssh_port is not None:
+            from elma_utils.offload.ssh_endpoint import SSHEndpoint
+            from elma_utils.offload.ssh_keys import fingerprint, generate_ed25519_key, load_private_key
+
+            if not Path(host_key).is_file():
+                generate_ed25519_key(Path(host_key), comment="elma-serve host key")
+            endpoint = SSHEndpoint(
+                host_key,
+                authorized_keys,
+                ("127.0.0.1", server.port),
+                port=ssh_port,
+                sftp_root=sftp_root,
+            ).start()
+            ready(
+                f"elma serve: SSH endpoint on 127.0.0.1:{endpoint.port} "
+                f"(host key {fingerprint(load_private_key(Path(host_key)))})"
+            )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (tests): rely on `stop`
+                signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        server.close()

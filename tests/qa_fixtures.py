@@ -1,0 +1,51 @@
+"""Tiny real QA models for tests: a saved full-model artifact and an edge bundle from it.
+
+Random weights (seeded), real code paths: the artifact loads with ``QAModel.load``, the
+bundle with ``EdgeModel.load``; answers are deterministic, so tests compare the server's
+answers with ``QAModel`` run directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from elma_utils.model import artifacts
+from elma_utils.model.backbones import TINY_BERT, build_bert_backbone
+from elma_utils.model.qa_model import SpanQAModel
+
+TINY_WINDOWS = {"max_seq_len": 96, "doc_stride": 48, "max_query_len": 24}
+
+
+def tiny_span_model(seed: int = 0, num_layers: int = 2) -> SpanQAModel:
+    keras.utils.set_random_seed(seed)
+    model = SpanQAModel(build_bert_backbone(dropout=0.0, **{**TINY_BERT, "num_layers": num_layers}))
+    model.build_for()
+    return model
+
+
+def save_tiny_artifact(directory: Path, tokenizer, seed: int = 0, num_layers: int = 2) -> Path:
+    """A full-model artifact (``artifacts.save_artifact`` layout) with random weights."""
+    config = {"backbone": {"kind": "bert", "kwargs": {**TINY_BERT, "num_layers": num_layers}}, **TINY_WINDOWS}
+    config["model_version"] = f"tiny-server-{seed}"
+    return artifacts.save_artifact(Path(directory), tiny_span_model(seed, num_layers), tokenizer, config)
+
+
+def write_tiny_bundle(directory: Path, tokenizer, entropy_threshold: float, seed: int = 0) -> Path:
+    """An edge bundle (float32, 2 layers) whose policy exits at ``entropy_threshold``."""
+    from elma_utils.export.bundle import write_bundle
+    from elma_utils.model.multi_exit import MultiExitQAModel
+
+    multi = MultiExitQAModel.from_span_model(tiny_span_model(seed))
+    return write_bundle(
+        multi,
+        tokenizer,
+        Path(directory),
+        seq_len=TINY_WINDOWS["max_seq_len"],
+        precision="float32",
+        thresholds={"policy": "entropy", "E_T": entropy_threshold, "rule": "max"},
+        model_version=f"tiny-edge-{seed}",
+        doc_stride=TINY_WINDOWS["doc_stride"],
+        max_query_len=TINY_WINDOWS["max_query_len"],
+    )
