@@ -72,6 +72,10 @@ class Profile:
     backbone_source: str | None = None  # ALBERT weights: preset name, Google checkpoint or TF-Hub module
     exit_epochs: float = 0.1  # training of the exit heads (share of an epoch of the train features)
     exit_compare_questions: int = 1000  # dev-v1.1 questions used to compare exit training modes
+    # joint_distill: the backbone trains with its exits, warm-started from the distill exits
+    joint_distill_epochs: float = 0.5
+    joint_distill_learning_rate: float = 3e-5
+    hard_negative_ratio: float = 0.0  # hard made-up unanswerable questions in exit training
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,6 +101,8 @@ PROFILES: dict[str, Profile] = {
         eval_batch_size=32,
         exit_epochs=1.0,
         exit_compare_questions=120,
+        joint_distill_epochs=1.0,
+        joint_distill_learning_rate=1e-3,
     ),
     # Real results on 2 CPU cores: MiniLM fine-tuned on a SQuAD v1.1 subset, whole dev sets evaluated.
     "cpu": Profile(

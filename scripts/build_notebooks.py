@@ -1,4 +1,4 @@
-"""Write notebooks/01 and 02 from the cell texts below (run once; the .ipynb files are committed)."""
+"""Write the notebooks from the cell texts below (the .ipynb files are committed; rerun after edits)."""
 
 from pathlib import Path
 
@@ -7,12 +7,15 @@ import nbformat as nbf
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def notebook(cells):
+def notebook(cells, name: str):
+    """Cell ids are ``<notebook number>-<index>``: rebuilding an unchanged notebook gives the
+    same file (and sha256), so the pipeline does not rerun it."""
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     out = []
-    for kind, text, *tags in cells:
+    for i, (kind, text, *tags) in enumerate(cells):
         cell = nbf.v4.new_markdown_cell(text) if kind == "md" else nbf.v4.new_code_cell(text)
+        cell.id = f"nb{name[:2]}-{i:02d}"
         if tags:
             cell.metadata["tags"] = tags[0]
         out.append(cell)
@@ -314,4 +317,4 @@ if __name__ == "__main__":
         ("03_early_exit", NB03),
         ("04_edge_export_and_benchmark", NB04),
     ]:
-        nbf.write(notebook(cells), ROOT / "notebooks" / f"{name}.ipynb")
+        nbf.write(notebook(cells, name), ROOT / "notebooks" / f"{name}.ipynb")

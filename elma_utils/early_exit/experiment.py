@@ -112,6 +112,28 @@ def train_exits(
     return out
 
 
+def train_exits_for_profile(
+    full_model_dir: Path, mode: str, profile: cfg.Profile, data_dir: Path | None = None, verbose=0
+) -> Path:
+    """``train_exits`` with the profile's settings for ``mode``; ``joint_distill`` starts from
+    the ``distill`` exits (trained first when missing), with the backbone's learning rate."""
+    if mode != "joint_distill":
+        return train_exits(full_model_dir, mode, profile=profile, epochs=profile.exit_epochs, data_dir=data_dir,
+                           verbose=verbose)  # fmt: skip
+    distill = train_exits_for_profile(full_model_dir, "distill", profile, data_dir, verbose)
+    return train_exits(
+        full_model_dir,
+        mode,
+        profile=profile,
+        epochs=profile.joint_distill_epochs,
+        learning_rate=profile.joint_distill_learning_rate,
+        init_exits=distill,
+        hard_negative_ratio=profile.hard_negative_ratio,
+        data_dir=data_dir,
+        verbose=verbose,
+    )
+
+
 def load_exits_model_from(full_model_dir: Path, num_exits: int | None = None):
     span, tokenizer, config = artifacts.load_span_model(Path(full_model_dir))
     return MultiExitQAModel.from_span_model(span, num_exits), tokenizer, config
@@ -185,8 +207,12 @@ def cross_fitted_exit(
     max_f1_loss: float = 1.0,
     seed: int = 0,
     layer_latency_ms: np.ndarray | None = None,
+    reference_f1: np.ndarray | None = None,
 ) -> dict:
     """Choose E_T on one half of the articles, apply it to the other half, and vice versa.
+
+    ``reference_f1`` [N] (0..1): the per-question F1 the early exit must stay within
+    ``max_f1_loss`` of — the full (server) model's; default: this model's last layer.
 
     Returns the held-out F1, average exit layer and share that no layer settles, with the
     per-question exit layers (K + 1: not settled; those are answered by the last layer here,
@@ -204,8 +230,11 @@ def cross_fitted_exit(
     exit_layer = np.zeros(n, dtype=int)
     threshold_of = np.zeros(n)
     thresholds = []
+    ref = f1[-1] if reference_f1 is None else np.asarray(reference_f1, dtype=np.float64)
     for tune in (in_a, ~in_a):
-        sweep = sweep_thresholds(f1[:, tune], entropy[:, tune], layer_latency_ms)
+        sweep = sweep_thresholds(
+            f1[:, tune], entropy[:, tune], layer_latency_ms, reference_f1=100 * float(ref[tune].mean())
+        )
         chosen = choose_threshold(sweep, max_f1_loss)
         thresholds.append(chosen.value)
         exit_layer[~tune] = simulate_exits(entropy[:, ~tune], None, {"threshold": chosen.value})
@@ -216,7 +245,8 @@ def cross_fitted_exit(
         "thresholds": thresholds,
         "f1": float(100 * got.mean()),
         "full_depth_f1": float(100 * f1[-1].mean()),
-        "f1_loss": float(100 * (f1[-1].mean() - got.mean())),
+        "reference_f1": float(100 * ref.mean()),
+        "f1_loss": float(100 * (ref.mean() - got.mean())),
         "avg_exit_layer": float(layer_used.mean()),
         "share_not_settled": float(np.mean(exit_layer > k)),
         "exit_layer_histogram": np.bincount(exit_layer, minlength=k + 2)[1:].tolist(),
@@ -259,8 +289,15 @@ def measure_speedup(
     n_questions: int = 300,
     offset: int = 0,
     data_dir: Path | None = None,
+    no_answer_margin: float | None = None,
+    null_thresholds: list[float] | None = None,
 ) -> dict:
-    """Wall-clock time per question at batch 1: early exit at ``threshold`` vs all layers."""
+    """Wall-clock time per question at batch 1: early exit at ``threshold`` vs all layers.
+
+    The questions are ``n_questions`` from ``offset`` on, within the article of the question
+    at ``offset`` (so a threshold cross-fitted over articles stays held-out for all of them).
+    SQuAD 2.0: ``null_thresholds`` (one per layer) and ``no_answer_margin`` as calibrated by
+    ``squad2.cross_fitted_squad2_exit``; both runs use the same no-answer thresholds."""
     from elma_utils.early_exit.policies import EntropyPolicy, NeverExit
     from elma_utils.early_exit.runtime import EarlyExitRunner
     from elma_utils.squad.data import load_squad
@@ -269,7 +306,8 @@ def measure_speedup(
 
     multi, tokenizer, config, _ = load_exits(exits_dir)
     ds = load_squad(version, "dev", data_dir=data_dir)
-    examples = ds.examples[offset : offset + n_questions]
+    title = ds.examples[offset].title
+    examples = [e for e in ds.examples[offset:] if e.title == title][:n_questions]
     feats = [
         build_features(
             [e],
@@ -282,8 +320,9 @@ def measure_speedup(
         for e in examples
     ]
     result = {}
-    for name, policy in (("full_depth", NeverExit()), ("early_exit", EntropyPolicy(threshold))):
-        runner = EarlyExitRunner(multi, policy)
+    early = EntropyPolicy(threshold, no_answer_margin=no_answer_margin, null_threshold=null_thresholds or 0.0)
+    for name, policy in (("full_depth", NeverExit()), ("early_exit", early)):
+        runner = EarlyExitRunner(multi, policy, null_threshold=null_thresholds)
         for f, e in zip(feats[:5], examples[:5], strict=True):  # warm-up: trace the shapes
             runner.run([e], f)
         times, answers = [], {}
