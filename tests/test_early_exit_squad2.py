@@ -65,6 +65,7 @@ def test_cross_fitted_squad2_exit_lets_the_easy_half_leave_at_layer_one():
     assert (exits[easy] == 1).mean() > 0.95 and (exits[~easy] == 1).mean() < 0.05
     assert r["avg_exit_layer"] == pytest.approx(1 + (~easy).mean(), abs=0.05)
     assert len(r["settings"]) == 2 and all(len(s["null_thresholds"]) == 2 for s in r["settings"])
+    assert set(r["setting_index"].tolist()) == {0, 1}
 
 
 def test_unsettled_no_answer_calls_do_not_exit():

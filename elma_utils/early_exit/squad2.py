@@ -130,8 +130,10 @@ def cross_fitted_squad2_exit(
     full = np.zeros(n)
     per_layer = np.zeros((k_layers, n))
     chosen = []
-    for tune in (in_a, ~in_a):
+    setting_index = np.zeros(n, dtype=int)
+    for fold, tune in enumerate((in_a, ~in_a)):
         test = ~tune
+        setting_index[test] = fold
         t_k = best_null_thresholds(f1_span[:, tune], diff[:, tune], imp[tune])
         sub = {"f1": f1_span[:, tune], "null_diff": diff[:, tune], "entropy": entropy[:, tune]}
         margin, point = choose_squad2(
@@ -159,5 +161,6 @@ def cross_fitted_squad2_exit(
         "has_ans_f1": float(100 * got[~imp].mean()) if (~imp).any() else None,
         "no_ans_f1": float(100 * got[imp].mean()) if imp.any() else None,
         "settings": chosen,
+        "setting_index": setting_index,  # per question: which of ``settings`` was applied (held out)
         "exit_layers": exit_layer,
     }
