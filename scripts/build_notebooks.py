@@ -338,7 +338,7 @@ NB04 = [
         "REPORTS = config.reports_dir_for(P.name)\nmodel_dir = finetune(P, data_dir=data_dir, verbose=0)\n"
         "m03 = REPORTS / 'metrics' / '03_early_exit.json'\nprev = json.loads(m03.read_text()) if m03.is_file() else {}\n"
         "mode = prev.get('best_mode', 'distill')\nE_T = float(sum(prev['dev_v1_1']['thresholds']) / 2) if prev else 0.5\n"
-        "exits_dir = ee.train_exits(model_dir, mode, profile=P, epochs=P.exit_epochs, data_dir=data_dir, verbose=0)\n"
+        "exits_dir = ee.train_exits_for_profile(model_dir, mode, P, data_dir)\n"
         "multi, tokenizer, cfg, _ = ee.load_exits(exits_dir)\nmode, E_T",
     ),
     (
@@ -356,9 +356,44 @@ NB04 = [
         "fig.tight_layout()\nreporting.save_figure(fig, '04_size_and_latency_per_precision', REPORTS)",
     ),
     (
+        "md",
+        "## Whole dev sets, from raw text as on the device\nEvery dev-v1.1 question through the float32 and int8 "
+        "bundles with the calibrated E_T (tokenised by the bundle's keras-free tokenizer, each window run at its "
+        "own length); dev-v2.0 through int8 with the per-layer no-answer thresholds and margin of notebook 03, "
+        "each article half with the settings tuned on the other half. Latency per question and per exit layer.",
+    ),
+    (
+        "code",
+        "from elma_utils.early_exit.policies import EntropyPolicy\nfrom elma_utils.early_exit.squad2 import held_out_folds\n"
+        "from elma_utils.export.benchmark import evaluate_bundle\n\nn_whole = P.eval_examples if P.name != 'smoke' else 40\n"
+        "ds1, ex1 = ee.dev_questions('1.1', n_whole, data_dir)\n"
+        "whole_v11 = {p: evaluate_bundle(edge[p]['bundle'], ex1, ds1.raw, '1.1') for p in ('float32', 'int8')}\n"
+        "int8_f1_loss = whole_v11['float32']['f1'] - whole_v11['int8']['f1']\nwhole_v11, int8_f1_loss",
+    ),
+    (
+        "code",
+        "ds2, ex2 = ee.dev_questions('2.0', n_whole, data_dir)\nparts = []\n"
+        "for setting, mask in zip(prev['dev_v2_0']['settings'], held_out_folds([e.title for e in ex2])):\n"
+        "    qs = [e for e, m in zip(ex2, mask) if m]\n"
+        "    pol = EntropyPolicy(setting['E_T'], no_answer_margin=setting['margin'], null_threshold=setting['null_thresholds'])\n"
+        "    parts.append(evaluate_bundle(edge['int8']['bundle'], qs, ds2.raw, '2.0', policy=pol,\n"
+        "                                 null_thresholds=setting['null_thresholds']))\n"
+        "n2 = sum(r['questions'] for r in parts)\n"
+        "whole_v20_int8 = {k: sum(r[k] * r['questions'] for r in parts) / n2 for k in ('f1', 'exact', 'avg_exit_layer',\n"
+        "                  'share_solved_on_edge', 'question_ms_p50')} | {'questions': n2}\nwhole_v20_int8",
+    ),
+    (
+        "code",
+        "fig, ax = plt.subplots(figsize=(6, 3.2))\nfor p in ('float32', 'int8'):\n"
+        "    ms = whole_v11[p]['layer_ms_p50']\n    ax.plot(range(1, len(ms) + 1), ms, marker='o', label=p)\n"
+        "ax.set_xlabel('exit layer'); ax.set_ylabel('ms per question (median)'); ax.legend(); fig.tight_layout()\n"
+        "reporting.save_figure(fig, '04_latency_per_exit_layer', REPORTS)",
+    ),
+    (
         "code",
         "reporting.save_metrics('04_edge_export_and_benchmark', {'profile': P.name, 'mode': mode, 'E_T': E_T,\n"
-        "    'seq_len': cfg['max_seq_len'], 'edge': edge}, REPORTS)",
+        "    'seq_len': cfg['max_seq_len'], 'edge': edge, 'whole_dev_v1_1': whole_v11, 'int8_f1_loss_v1_1': int8_f1_loss,\n"
+        "    'whole_dev_v2_0_int8': whole_v20_int8}, REPORTS)",
     ),
 ]
 

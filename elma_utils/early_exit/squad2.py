@@ -37,7 +37,7 @@ def f1_with_null_thresholds(
 def best_null_thresholds(span_f1: np.ndarray, null_diff: np.ndarray, impossible: np.ndarray) -> np.ndarray:
     """For every layer, the null threshold with the best mean F1 (ties: the smallest).
 
-    Candidates are the observed margins (and −inf: always no-answer), scanned in one pass:
+    Candidates are the observed margins (and "below all of them": always no-answer), scanned in one pass:
     raising t past a question's margin turns it from "no answer" into its span's F1. The
     threshold sits midway between neighbouring margins, so margins around it are symmetric."""
     f1 = np.asarray(span_f1, dtype=np.float64)
@@ -52,10 +52,10 @@ def best_null_thresholds(span_f1: np.ndarray, null_diff: np.ndarray, impossible:
         tied = np.concatenate([[False], sorted_diff[1:] == sorted_diff[:-1], [False]])
         totals[tied] = -np.inf  # a threshold cannot split equal margins
         best = int(np.argmax(totals))  # the `best` smallest margins answer
-        if best == 0:
-            out[k] = -np.inf
-        elif best == len(order):
-            out[k] = np.inf
+        if best == 0:  # always "no answer": just below the smallest margin (finite, JSON-safe)
+            out[k] = float(sorted_diff[0]) - 1.0
+        elif best == len(order):  # always answer: just above the largest
+            out[k] = float(sorted_diff[-1]) + 1.0
         else:  # midway between the last answered and the first unanswered margin
             out[k] = float(sorted_diff[best - 1] + sorted_diff[best]) / 2
     return out
@@ -106,6 +106,15 @@ def choose_squad2(sweeps: dict[float, Any], max_f1_loss: float = 1.0) -> tuple[f
     return best
 
 
+def held_out_folds(titles: list[str], seed: int = 0) -> list[np.ndarray]:
+    """Masks of the questions each fold's settings apply to: fold 0 is tuned on half A of the
+    articles and applied to the rest, fold 1 the other way round."""
+    unique = sorted(set(titles))
+    half = set(np.random.default_rng(seed).permutation(unique)[: len(unique) // 2].tolist())
+    in_a = np.array([t in half for t in titles])
+    return [~in_a, in_a]
+
+
 def cross_fitted_squad2_exit(
     stats: dict[str, np.ndarray],
     titles: list[str],
@@ -122,9 +131,7 @@ def cross_fitted_squad2_exit(
     f1_span, diff, entropy = (np.asarray(stats[k]) for k in ("f1", "null_diff", "entropy"))
     imp = np.asarray(impossible, dtype=bool)
     k_layers, n = f1_span.shape
-    unique = sorted(set(titles))
-    half = set(np.random.default_rng(seed).permutation(unique)[: len(unique) // 2].tolist())
-    in_a = np.array([t in half for t in titles])
+    in_a = ~held_out_folds(titles, seed)[0]
     exit_layer = np.zeros(n, dtype=int)
     got = np.zeros(n)
     full = np.zeros(n)

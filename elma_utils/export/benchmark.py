@@ -85,3 +85,52 @@ def compare_precisions(
             "question_ms_p50": float(np.median([a.embeddings_ms + sum(a.layer_ms) for a in answers])),
         }
     return result
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    examples: list,
+    dataset_raw: dict,
+    version: str = "1.1",
+    policy=None,
+    null_thresholds: list[float] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run a bundle over ``examples`` (batch 1, from raw text as on the device) and score it.
+
+    ``policy``: the bundle's own thresholds.json when None; ``null_thresholds``: per-layer
+    SQuAD 2.0 no-answer thresholds replacing the bundle's. Returns F1/EM, average exit layer,
+    the share settled on the edge, and latency per stage (median and p95, tokenisation
+    included in ``question_ms``), with the per-layer median cost.
+    """
+    from tqdm.auto import tqdm
+
+    from elma_utils.squad.features import build_features as _build
+
+    edge = EdgeModel.load(bundle_dir)
+    if null_thresholds is not None:
+        edge.null_threshold = list(null_thresholds)
+    answers = []
+    for e in tqdm(examples, desc=f"edge {Path(bundle_dir).name} v{version}", disable=not progress, unit="q"):
+        t_feats = _build([e], edge.tokenizer, edge.seq_len, int(edge.manifest.get("doc_stride", 128)),
+                         int(edge.manifest.get("max_query_len", 64)), progress=False)  # fmt: skip
+        answers.append(edge.answer_features([e], t_feats, policy=policy)[0])
+    texts = [a.text for a in answers]
+    scores = per_question_scores(
+        dataset_raw, dict(zip([e.qas_id for e in examples], texts, strict=True)), version
+    )
+    total = np.array([a.embeddings_ms + sum(a.layer_ms) for a in answers])
+    per_layer = [[a.layer_ms[k] for a in answers if len(a.layer_ms) > k] for k in range(edge.num_layers)]
+    return {
+        "bundle": str(bundle_dir),
+        "precision": edge.manifest.get("precision"),
+        "dynamic_length": edge.dynamic_length,
+        "questions": len(examples),
+        "f1": float(100 * np.mean([scores[e.qas_id][1] for e in examples])),
+        "exact": float(100 * np.mean([scores[e.qas_id][0] for e in examples])),
+        "avg_exit_layer": float(np.mean([a.exit_layer for a in answers])),
+        "share_solved_on_edge": float(np.mean([a.solved for a in answers])),
+        "question_ms_p50": float(np.median(total)),
+        "question_ms_p95": float(np.percentile(total, 95)),
+        "layer_ms_p50": [float(np.median(v)) if v else None for v in per_layer],
+    }
