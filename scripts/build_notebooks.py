@@ -397,11 +397,100 @@ NB04 = [
     ),
 ]
 
+NB05 = [
+    (
+        "md",
+        "# 05 · Encrypted offloading\n\nThe whole path on this machine's loopback: the full model served by "
+        "`OffloadServer` (loopback only), reached through ELMA's SSH endpoint (paramiko, ed25519 keys, pinned host "
+        "key) or a real OpenSSH sshd; the edge bundle of notebook 04 answers with early exit and offloads what it "
+        "cannot settle over one persistent SSH channel. We answer a dev sample through the edge, measure the "
+        "offload share and end-to-end F1 against the threshold, and what the SSH link costs per question.",
+    ),
+    PARAMS,
+    ("code", "precision = 'int8'\nthresholds = [0.2, 0.4, 0.5, 0.6, 0.7, 0.9]"),
+    (
+        "code",
+        "import json\n\nimport matplotlib.pyplot as plt\nimport numpy as np\n\nfrom elma_utils import config, reporting\n"
+        "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.early_exit.policies import EntropyPolicy\n"
+        "from elma_utils.model.finetune import finetune\nfrom elma_utils.offload.deployment import LoopbackDeployment\n"
+        "from elma_utils.squad.metrics import per_question_scores\n\n"
+        "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nmodel_dir = finetune(P, data_dir=data_dir, verbose=0)\n"
+        "bundle = config.artifacts_dir() / f'{model_dir.name}-edge' / precision  # written by notebook 04\n"
+        "work = config.artifacts_dir() / f'{model_dir.name}-offload'\nbundle",
+    ),
+    (
+        "md",
+        "## A dev sample through edge + server\nThe bundle's calibrated E_T; questions no edge layer settles go "
+        "to the server over ELMA's SSH endpoint.",
+    ),
+    (
+        "code",
+        "n = 300 if P.name != 'smoke' else 16\nds, examples = ee.dev_questions('1.1', n, data_dir)\n"
+        "dep = LoopbackDeployment(model_dir, bundle, work, way_in='endpoint', device_id='notebook-05').start()\n"
+        "results = [dep.edge.answer(e.question, e.context) for e in examples]\n"
+        "scores = per_question_scores(ds.raw, {e.qas_id: r.text for e, r in zip(examples, results)}, '1.1')\n"
+        "f1 = np.array([scores[e.qas_id][1] for e in examples])\nsource = np.array([r.source for r in results])\n"
+        "sample = {'questions': len(examples), 'f1': 100 * f1.mean(), 'share_offloaded': float(np.mean(source == 'server')),\n"
+        "          'f1_edge_answered': 100 * f1[source == 'edge'].mean() if (source == 'edge').any() else None,\n"
+        "          'f1_server_answered': 100 * f1[source == 'server'].mean() if (source == 'server').any() else None,\n"
+        "          'fallbacks': int(np.sum(source == 'edge-fallback')),\n"
+        "          'edge_ms_p50': float(np.median([r.edge_ms for r in results])),\n"
+        "          'offload_ms_p50': float(np.median([r.offload_ms for r in results if r.source == 'server'] or [0])),\n"
+        "          'server_ms_p50': float(np.median([r.server_ms for r in results if r.source == 'server'] or [0])),\n"
+        "          'wire_bytes_per_offload': (dep.tunnel.stats.wire_bytes_sent + dep.tunnel.stats.wire_bytes_received)\n"
+        "                                    / max(1, int(np.sum(source == 'server')))}\nsample",
+    ),
+    (
+        "md",
+        "## End-to-end F1 against the threshold\nA lower E_T keeps fewer questions on the device: more offloads, "
+        "F1 closer to the server's.",
+    ),
+    (
+        "code",
+        "m = 100 if P.name != 'smoke' else 8\ncurve = []\nedge_model = dep.edge.edge\nown_policy = edge_model.policy\n"
+        "for t in thresholds:\n"
+        "    edge_model.policy = EntropyPolicy(t)\n"
+        "    rs = [dep.edge.answer(e.question, e.context) for e in examples[:m]]\n"
+        "    sc = per_question_scores(ds.raw, {e.qas_id: r.text for e, r in zip(examples[:m], rs)}, '1.1')\n"
+        "    curve.append({'E_T': t, 'f1': 100 * float(np.mean([sc[e.qas_id][1] for e in examples[:m]])),\n"
+        "                  'share_offloaded': float(np.mean([r.source == 'server' for r in rs])),\n"
+        "                  'ms_per_question': float(np.mean([r.total_ms for r in rs]))})\n"
+        "edge_model.policy = own_policy\n"
+        "fig, ax = plt.subplots(figsize=(6, 3.4))\nax.plot([c['share_offloaded'] for c in curve], [c['f1'] for c in curve], marker='o')\n"
+        "for c in curve:\n    ax.annotate(f\"{c['E_T']:g}\", (c['share_offloaded'], c['f1']), fontsize=8)\n"
+        "ax.set_xlabel('share offloaded to the server'); ax.set_ylabel('end-to-end F1'); fig.tight_layout()\n"
+        "reporting.save_figure(fig, '05_f1_vs_offload_share', REPORTS)\ncurve",
+    ),
+    (
+        "md",
+        "## What the SSH link costs per offloaded question\nA ping (no model time) over the persistent SSH channel, "
+        "a new channel per question, a new SSH connection per question, and plain TCP to the service; the same "
+        "through a real OpenSSH sshd.",
+    ),
+    (
+        "code",
+        "lines = 300 if P.name != 'smoke' else 30\nrtt = {'endpoint': dep.round_trips(lines, new_connection_lines=10 if P.name != 'smoke' else 3)}\n"
+        "store_stats = dep.server.store.stats()\ndep.close()\n"
+        "with LoopbackDeployment(model_dir, bundle, work, way_in='sshd', device_id='notebook-05-sshd') as dep2:\n"
+        "    rtt['sshd'] = dep2.round_trips(lines, new_connection_lines=10 if P.name != 'smoke' else 3)\n"
+        "{w: {m: (round(r['p50_ms'], 3), round(r['wire_bytes_per_line'])) for m, r in v.items()} for w, v in rtt.items()}",
+    ),
+    (
+        "code",
+        "overhead = {w: v['ssh_persistent']['p50_ms'] - v['plain_tcp']['p50_ms'] for w, v in rtt.items()}\n"
+        "print('persistent SSH minus plain TCP (ms, p50):', overhead)\n"
+        "reporting.save_metrics('05_encrypted_offload', {'profile': P.name, 'precision': precision, 'sample': sample,\n"
+        "    'threshold_curve': curve, 'round_trips': rtt, 'ssh_overhead_ms_p50': overhead,\n"
+        "    'store': {'offloads': store_stats.offloads, 'questions': store_stats.questions}}, REPORTS)",
+    ),
+]
+
 if __name__ == "__main__":
     for name, cells in [
         ("01_squad_data", NB01),
         ("02_finetune_full_model", NB02),
         ("03_early_exit", NB03),
         ("04_edge_export_and_benchmark", NB04),
+        ("05_encrypted_offload", NB05),
     ]:
         nbf.write(notebook(cells, name), ROOT / "notebooks" / f"{name}.ipynb")
