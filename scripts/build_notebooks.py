@@ -371,6 +371,20 @@ NB04 = [
         "int8_f1_loss = whole_v11['float32']['f1'] - whole_v11['int8']['f1']\nwhole_v11, int8_f1_loss",
     ),
     (
+        "md",
+        "### Early exit on the device runtime\nThe same int8 bundle on the first dev-v1.1 questions with every layer "
+        "(no early exit) and with the calibrated E_T: the measured speed-up of LiteRT inference at batch 1.",
+    ),
+    (
+        "code",
+        "from elma_utils.early_exit.policies import NeverExit\n\nm = 300 if P.name != 'smoke' else 20\n"
+        "no_exit = evaluate_bundle(edge['int8']['bundle'], ex1[:m], ds1.raw, '1.1', policy=NeverExit())\n"
+        "with_exit = evaluate_bundle(edge['int8']['bundle'], ex1[:m], ds1.raw, '1.1')\n"
+        "device_speedup = {'questions': m, 'no_exit': no_exit, 'early_exit': with_exit,\n"
+        "                  'speedup_p50': no_exit['question_ms_p50'] / with_exit['question_ms_p50']}\n"
+        "{k: (v['f1'], v['avg_exit_layer'], v['question_ms_p50']) if isinstance(v, dict) else v for k, v in device_speedup.items()}",
+    ),
+    (
         "code",
         "ds2, ex2 = ee.dev_questions('2.0', n_whole, data_dir)\nparts = []\n"
         "for setting, mask in zip(prev['dev_v2_0']['settings'], held_out_folds([e.title for e in ex2])):\n"
@@ -393,7 +407,7 @@ NB04 = [
         "code",
         "reporting.save_metrics('04_edge_export_and_benchmark', {'profile': P.name, 'mode': mode, 'E_T': E_T,\n"
         "    'seq_len': cfg['max_seq_len'], 'edge': edge, 'whole_dev_v1_1': whole_v11, 'int8_f1_loss_v1_1': int8_f1_loss,\n"
-        "    'whole_dev_v2_0_int8': whole_v20_int8}, REPORTS)",
+        "    'whole_dev_v2_0_int8': whole_v20_int8, 'device_speedup_int8': device_speedup}, REPORTS)",
     ),
 ]
 
