@@ -1,0 +1,512 @@
+"""`elma publish`: grow the edge model from the offloaded questions and publish it for `elma sync`.
+
+Server layout (``server_root``)::
+
+    bundles/                 the SFTP root edge devices read (``SSHEndpoint(sftp_root=…)``, sshd)
+      LATEST.json            pointer: version, manifest sha256 + size, serial (``sync.LatestPointer``)
+      edge-000002-…/         one bundle per published version, never changed afterwards
+    exits/<version>/         the Keras exits weights behind each published bundle (next retrain starts here)
+    retrain/run-…/           one directory per retraining: the store export and report.json
+
+``retrain_edge`` exports the hard-question store (server answers as pseudo-labels: the full
+model is the teacher), optionally mixes in original training questions, trains the current
+edge's exit heads (``distill``) or heads and kept layers (``joint_distill``) from the
+current exits weights, exports a candidate bundle with the current bundle's exit policy and
+windows, and scores candidate and current bundle with the edge runtime on the same held-out
+questions (the export's eval contexts and/or SQuAD dev questions). The candidate is
+published only when its F1 is not lower than the current one's by more than ``tolerance``
+points; otherwise the current version stays and the result says why.
+
+Publishing is atomic for readers: the bundle is complete and verified in a hidden staging
+directory, renamed to ``bundles/<version>/``, and only then is LATEST.json replaced
+(temp file + ``os.replace``). Versions are ``edge-<serial>-<UTC time>-<content sha>``, the
+serial one more than any published before, so they increase and never repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from elma_utils.export.bundle import MANIFEST, read_thresholds, sha256_file, verify_bundle
+from elma_utils.offload.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
+
+BUNDLES_DIR = "bundles"
+EXITS_DIR = "exits"
+RUNS_DIR = "retrain"
+LOCK_NAME = ".publish.lock"
+EXITS_CONFIG = "exits.json"
+EXITS_WEIGHTS = "exits.weights.h5"
+
+
+class PublishError(RuntimeError):
+    """Publishing or retraining cannot go ahead (missing current bundle, exits, data …)."""
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def bundles_dir(server_root: str | os.PathLike) -> Path:
+    """The directory to serve over SFTP."""
+    return Path(server_root) / BUNDLES_DIR
+
+
+def read_latest(server_root: str | os.PathLike) -> LatestPointer | None:
+    """The published pointer, or None before the first publication."""
+    path = bundles_dir(server_root) / LATEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return parse_latest(path.read_bytes())
+    except SyncError as err:
+        raise PublishError(f"{path}: {err}") from err
+
+
+def latest_bundle(server_root: str | os.PathLike) -> Path | None:
+    pointer = read_latest(server_root)
+    return None if pointer is None else bundles_dir(server_root) / pointer.version
+
+
+@contextlib.contextmanager
+def _publish_lock(server_root: Path) -> Iterator[None]:
+    """One publisher at a time, so serials stay unique."""
+    server_root.mkdir(parents=True, exist_ok=True)
+    with open(server_root / LOCK_NAME, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _next_serial(bundles: Path) -> int:
+    serials = [version_serial(p.name) or 0 for p in bundles.iterdir()] if bundles.is_dir() else []
+    pointer_file = bundles / LATEST_NAME
+    if pointer_file.is_file():
+        with contextlib.suppress(SyncError):
+            serials.append(parse_latest(pointer_file.read_bytes()).serial or 0)
+    return max(serials, default=0) + 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_tree_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.rename(tmp, dst)
+
+
+def _copy_listed(src: Path, dst: Path) -> None:
+    """Copy the manifest and the files it lists, nothing else (the edge refuses unlisted files)."""
+    manifest = verify_bundle(src)
+    for rel in [*manifest["files"], MANIFEST]:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dst / rel)
+
+
+def _promote(staging: Path, server_root: Path, exits_dir: Path | None, notes: dict | None) -> str:
+    """Name the staged bundle, move it into ``bundles/``, then point LATEST.json at it (under the lock)."""
+    bundles = bundles_dir(server_root)
+    manifest = verify_bundle(staging)
+    content = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+    serial = _next_serial(bundles)
+    version = f"edge-{serial:06d}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{content[:8]}"
+    manifest.setdefault("source_model_version", manifest["model_version"])
+    manifest["model_version"] = version  # the edge checks that the manifest names the published version
+    _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
+    verify_bundle(staging)
+    if exits_dir is not None:
+        (server_root / EXITS_DIR).mkdir(parents=True, exist_ok=True)
+        _copy_tree_atomic(exits_dir, server_root / EXITS_DIR / version)
+    os.rename(staging, bundles / version)
+    _fsync_dir(bundles)
+    mpath = bundles / version / MANIFEST
+    pointer = LatestPointer(
+        version,
+        sha256_file(mpath),
+        mpath.stat().st_size,
+        serial,
+        datetime.now(UTC).isoformat(timespec="seconds"),
+        notes or {},
+    )
+    _write_atomic(bundles / LATEST_NAME, pointer.to_json())
+    return version
+
+
+def publish_bundle(
+    bundle_dir: str | os.PathLike,
+    server_root: str | os.PathLike,
+    *,
+    exits_dir: str | os.PathLike | None = None,
+    notes: dict | None = None,
+) -> str:
+    """Publish a copy of an existing bundle as the next version; returns the version.
+
+    ``exits_dir``: the exits artifact the bundle was exported from (``exits.json`` +
+    weights), kept as ``exits/<version>`` so that ``retrain_edge`` can continue from it.
+    The source directory is not changed; the published copy's manifest names the new version
+    (the old name is kept as ``source_model_version``).
+    """
+    server_root, bundle_dir = Path(server_root), Path(bundle_dir)
+    verify_bundle(bundle_dir)
+    if exits_dir is not None and not (Path(exits_dir) / EXITS_WEIGHTS).is_file():
+        raise PublishError(f"{exits_dir} holds no {EXITS_WEIGHTS}")
+    bundles = bundles_dir(server_root)
+    bundles.mkdir(parents=True, exist_ok=True)
+    with _publish_lock(server_root):
+        staging = bundles / f".staging-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            _copy_listed(bundle_dir, staging)
+            return _promote(staging, server_root, Path(exits_dir) if exits_dir else None, notes)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- evaluation with the edge runtime
+
+
+@dataclass
+class EvalSet:
+    """Held-out questions: examples, the SQuAD json they score against, and its version."""
+
+    name: str
+    examples: list
+    raw: dict
+    version: str
+
+
+def evaluate_bundle(bundle: str | os.PathLike, eval_sets: Sequence[EvalSet]) -> dict:
+    """F1/EM (percent) of a bundle's edge answers, with its own exit policy, per set and pooled.
+
+    Questions no layer settles are scored with the last kept layer's answer (what the edge
+    says before offloading), so the number measures the edge model, not the server.
+    """
+    from elma_utils.export.edge_runtime import EdgeModel
+    from elma_utils.squad.metrics import per_question_scores
+
+    model = EdgeModel.load(bundle)
+    pooled: dict[str, list[float]] = {"f1": [], "exact": [], "solved": [], "layer": []}
+    sets = {}
+    for s in eval_sets:
+        answers = model.answer_features(s.examples, model.features_for(s.examples))
+        scores = per_question_scores(
+            s.raw, {e.qas_id: a.text for e, a in zip(s.examples, answers, strict=True)}, s.version
+        )
+        rows = {
+            "f1": [100 * scores[e.qas_id][1] for e in s.examples],
+            "exact": [100 * scores[e.qas_id][0] for e in s.examples],
+            "solved": [100.0 * a.solved for a in answers],
+            "layer": [float(a.exit_layer) for a in answers],
+        }
+        sets[s.name] = _summary(rows)
+        for k, v in rows.items():
+            pooled[k].extend(v)
+    return {"model_version": model.manifest["model_version"], **_summary(pooled), "sets": sets}
+
+
+def _summary(rows: dict[str, list[float]]) -> dict:
+    n = len(rows["f1"])
+
+    def mean(k: str) -> float:
+        return float(sum(rows[k]) / n) if n else 0.0
+
+    return {
+        "questions": n,
+        "f1": mean("f1"),
+        "exact": mean("exact"),
+        "share_solved": mean("solved"),
+        "avg_exit_layer": mean("layer"),
+    }
+
+
+# ---------------------------------------------------------------- retraining
+
+
+@dataclass
+class RetrainResult:
+    """What ``retrain_edge`` did; ``reason`` says why it published or kept the current version."""
+
+    published: bool
+    reason: str
+    current_version: str
+    version: str | None = None  # the new version when published
+    mode: str = "distill"
+    tolerance: float = 0.0
+    current: dict = field(default_factory=dict)  # evaluate_bundle of the current bundle
+    candidate: dict = field(default_factory=dict)
+    train_questions: int = 0
+    original_questions: int = 0
+    train: dict = field(default_factory=dict)  # fit_exit_heads stats
+    run_dir: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def save_exits(multi, full_model_dir: str | os.PathLike, out_dir: str | os.PathLike, **notes: Any) -> Path:
+    """Save a MultiExitQAModel's weights as an exits artifact (``load_exits`` reads it back).
+
+    The weights go through a fresh, uncompiled copy so no optimizer state is stored."""
+    from elma_utils.model import artifacts
+    from elma_utils.model.multi_exit import MultiExitQAModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    b = artifacts.read_config(Path(full_model_dir))["backbone"]
+    backbone, _ = artifacts.build_backbone(
+        b["kind"], b["kwargs"], dropout=b.get("dropout", 0.1), pretrained=False
+    )
+    clean = MultiExitQAModel(backbone, multi.num_exits)
+    clean.build_for()
+    clean.set_weights(multi.get_weights())
+    clean.save_weights(out / EXITS_WEIGHTS)
+    config = {"full_model": str(full_model_dir), "num_exits": int(multi.num_exits), **notes}
+    (out / EXITS_CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    return out
+
+
+def _edge_model(exits_dir: Path, full_model_dir: Path | None, num_exits: int):
+    """The current edge as a Keras model: exits weights on the full model's backbone, ``num_exits`` kept."""
+    from elma_utils.early_exit.experiment import load_exits_model_from
+    from elma_utils.model.multi_exit import MultiExitQAModel
+
+    cfg_path = exits_dir / EXITS_CONFIG
+    if not cfg_path.is_file() or not (exits_dir / EXITS_WEIGHTS).is_file():
+        raise PublishError(f"{exits_dir}: no exits artifact ({EXITS_CONFIG} + {EXITS_WEIGHTS}) to start from")
+    ecfg = json.loads(cfg_path.read_text())
+    full = Path(full_model_dir or ecfg["full_model"])
+    if int(ecfg["num_exits"]) < num_exits:
+        raise PublishError(f"{exits_dir} has {ecfg['num_exits']} exits; the edge keeps {num_exits} layers")
+    multi, tokenizer, _ = load_exits_model_from(full, int(ecfg["num_exits"]))
+    multi.load_weights(exits_dir / EXITS_WEIGHTS)
+    if multi.num_exits > num_exits:  # exits trained at full depth; the edge keeps the first layers
+        edge = MultiExitQAModel(multi.backbone, num_exits)
+        edge.build_for()
+        for mine, theirs in zip(edge.exit_heads, multi.exit_heads, strict=False):
+            mine.set_weights(theirs.get_weights())
+        multi = edge
+    return multi, tokenizer, full
+
+
+def _load_set(path: Path, name: str, limit: int | None = None) -> EvalSet:
+    from elma_utils.squad.data import load_squad_file
+
+    ds = load_squad_file(path, limit=limit)
+    return EvalSet(name, ds.examples, ds.raw, ds.version)
+
+
+@dataclass
+class _GrownData:
+    train: list  # SquadExample: stored questions (pseudo-labelled), then original ones
+    eval_sets: list[EvalSet]
+    stored: int
+    original: int
+
+    @property
+    def held_out(self) -> int:
+        return sum(len(s.examples) for s in self.eval_sets)
+
+
+def _grown_data(
+    store_path, run_dir: Path, eval_fraction: float, seed: int, squad_version: str, original_train,
+    original_limit: int | None, dev_eval, dev_limit: int | None,
+) -> _GrownData:  # fmt: skip
+    """Export the store (split by context) and gather the training and held-out questions."""
+    from elma_utils.offload.store import HardQuestionStore
+
+    with HardQuestionStore(store_path) as store:
+        summary = store.export_squad(
+            run_dir / "train.json", run_dir / "eval.json", eval_fraction, seed, version=squad_version
+        )
+    eval_sets = [_load_set(run_dir / "eval.json", "store_eval")] if summary.eval_questions else []
+    if dev_eval is not None:
+        eval_sets.append(_load_set(Path(dev_eval), "dev", dev_limit))
+    stored = _load_set(run_dir / "train.json", "store_train").examples if summary.train_questions else []
+    original = _load_set(Path(original_train), "original", original_limit).examples if original_train else []
+    return _GrownData(stored + original, eval_sets, len(stored), len(original))
+
+
+def _train_candidate(
+    exits: Path, full_model_dir, manifest: dict, thresholds: dict, examples: list, run_dir: Path, *,
+    mode: str, epochs: float, learning_rate: float, batch_size: int, seed: int, verbose,
+) -> tuple[Path, Path, dict]:  # fmt: skip
+    """Train from the current exits; returns (candidate bundle, its exits artifact, training stats)."""
+    import keras
+
+    from elma_utils.export.bundle import write_bundle
+    from elma_utils.model.exit_training import fit_exit_heads
+    from elma_utils.squad.features import build_features
+
+    keras.utils.set_random_seed(seed)
+    multi, tokenizer, full = _edge_model(
+        exits, Path(full_model_dir) if full_model_dir else None, manifest["num_layers"]
+    )
+    seq_len = int(manifest["seq_len"])
+    windows = {
+        "doc_stride": int(manifest.get("doc_stride", 128)),
+        "max_query_len": int(manifest.get("max_query_len", 64)),
+    }
+    feats = build_features(examples, tokenizer, max_seq_len=seq_len, progress=False, **windows)
+    stats = fit_exit_heads(
+        multi, feats, mode=mode, batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, seed=seed,
+        verbose=verbose,
+    )  # fmt: skip
+    exits_out = save_exits(
+        multi, full, run_dir / "exits", mode=mode, init_exits=str(exits), train=stats, epochs=epochs,
+        learning_rate=learning_rate, train_questions=len(examples),
+    )  # fmt: skip
+    bundle = write_bundle(
+        multi, tokenizer, run_dir / "candidate", seq_len=seq_len, precision=manifest["precision"],
+        thresholds=thresholds, model_version=f"candidate-{run_dir.name}",
+        dynamic_length=bool(manifest.get("dynamic_length", True)), **windows,
+    )  # fmt: skip
+    return bundle, exits_out, stats
+
+
+def _publish_candidate(server_root: Path, based_on: str, candidate: Path, exits: Path, notes: dict) -> str:
+    """Promote the candidate unless another version was published since it was compared."""
+    with _publish_lock(server_root):
+        now = read_latest(server_root)
+        if now is None or now.version != based_on:
+            raise PublishError(
+                f"{LATEST_NAME} moved from {based_on} to {now and now.version} while retraining; "
+                "run the retraining again against the new version"
+            )
+        staging = bundles_dir(server_root) / f".staging-{candidate.parent.name}"
+        try:
+            shutil.move(candidate, staging)
+            return _promote(staging, server_root, exits, notes)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def retrain_edge(
+    store_path: str | os.PathLike,
+    server_root: str | os.PathLike,
+    *,
+    mode: str = "distill",
+    full_model_dir: str | os.PathLike | None = None,
+    current_exits: str | os.PathLike | None = None,
+    original_train: str | os.PathLike | None = None,
+    original_limit: int | None = None,
+    dev_eval: str | os.PathLike | None = None,
+    dev_limit: int | None = None,
+    eval_fraction: float = 0.2,
+    squad_version: str = "2.0",
+    epochs: float = 1.0,
+    learning_rate: float = 5e-4,
+    batch_size: int = 16,
+    tolerance: float = 0.0,
+    seed: int = 0,
+    verbose: int | str = 0,
+) -> RetrainResult:
+    """Retrain the published edge model on the grown data set; publish it only if it is no worse.
+
+    ``mode``: "distill" trains the exit heads, "joint_distill" the kept layers too (any
+    ``EXIT_MODES`` works). ``current_exits``: the exits artifact to start from (default
+    ``exits/<current version>``); ``full_model_dir`` overrides the backbone it names.
+    ``original_train``: SQuAD json whose first ``original_limit`` questions join the stored
+    ones. Held-out: the store export's eval contexts (``eval_fraction`` of them) and, when
+    given, the first ``dev_limit`` questions of ``dev_eval``. ``tolerance``: F1 points the
+    candidate may lose (negative: it must win by that much). Trains under the current Keras
+    dtype policy and seeds Keras' random generators with ``seed``. See the module note.
+    """
+    from elma_utils.model.multi_exit import EXIT_MODES
+
+    if mode not in EXIT_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {EXIT_MODES}")
+    t0 = time.perf_counter()
+    server_root = Path(server_root)
+    pointer = read_latest(server_root)
+    if pointer is None:
+        raise PublishError(
+            f"{bundles_dir(server_root)} has no {LATEST_NAME}: publish a first bundle (publish_bundle)"
+        )
+    current = bundles_dir(server_root) / pointer.version
+    manifest = verify_bundle(current)
+    exits = Path(current_exits) if current_exits else server_root / EXITS_DIR / pointer.version
+    run_dir = server_root / RUNS_DIR / f"run-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{os.urandom(2).hex()}"
+    run_dir.mkdir(parents=True)
+    result = RetrainResult(False, "", pointer.version, mode=mode, tolerance=tolerance, run_dir=str(run_dir))
+    data = _grown_data(
+        store_path,
+        run_dir,
+        eval_fraction,
+        seed,
+        squad_version,
+        original_train,
+        original_limit,
+        dev_eval,
+        dev_limit,
+    )
+    result.train_questions, result.original_questions = data.stored, data.original
+    if not data.stored or not data.held_out:
+        result.reason = (
+            f"kept {pointer.version}: the store gave {data.stored} training and {data.held_out} held-out "
+            "questions; both are needed"
+        )
+        return _finish(result, run_dir, t0)
+    candidate, candidate_exits, result.train = _train_candidate(
+        exits, full_model_dir, manifest, read_thresholds(current), data.train, run_dir, mode=mode,
+        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed, verbose=verbose,
+    )  # fmt: skip
+    result.current = evaluate_bundle(current, data.eval_sets)
+    result.candidate = evaluate_bundle(candidate, data.eval_sets)
+    cur, new, n = result.current["f1"], result.candidate["f1"], result.current["questions"]
+    try:
+        if new < cur - tolerance - 1e-9:
+            result.reason = (
+                f"kept {pointer.version}: candidate F1 {new:.2f} is below {cur - tolerance:.2f} (current "
+                f"{cur:.2f} minus tolerance {tolerance:g}) on {n} held-out questions"
+            )
+            return _finish(result, run_dir, t0)
+        notes = {"retrain": run_dir.name, "f1": round(new, 3), "previous": pointer.version, "mode": mode}
+        result.version = _publish_candidate(server_root, pointer.version, candidate, candidate_exits, notes)
+        result.published = True
+        result.reason = (
+            f"published {result.version}: candidate F1 {new:.2f} vs current {cur:.2f} on {n} held-out "
+            f"questions (tolerance {tolerance:g})"
+        )
+        return _finish(result, run_dir, t0)
+    finally:  # published: copied to bundles/ and exits/; refused: not kept
+        shutil.rmtree(candidate, ignore_errors=True)
+        shutil.rmtree(candidate_exits, ignore_errors=True)
+
+
+def _finish(result: RetrainResult, run_dir: Path, t0: float) -> RetrainResult:
+    result.seconds = time.perf_counter() - t0
+    (run_dir / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return result
