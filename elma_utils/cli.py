@@ -94,6 +94,61 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from elma_utils.offload import publish
+
+    if args.what == "bundle":
+        print(publish.publish_bundle(args.bundle, args.server_root, exits_dir=args.exits))
+        return 0
+    result = publish.retrain_edge(
+        args.store,
+        args.server_root,
+        mode=args.mode,
+        full_model_dir=args.full_model,
+        original_train=args.original_train,
+        original_limit=args.original_limit,
+        dev_eval=args.dev_eval,
+        dev_limit=args.dev_limit,
+        eval_fraction=args.eval_fraction,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        tolerance=args.tolerance,
+    )
+    print(json.dumps(result.to_dict(), indent=2, default=str) if args.json else result.reason)
+    return 0 if result.published else 3
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from elma_utils.offload import sync
+
+    if args.rollback:
+        print(f"current: {sync.rollback(args.local_root)}")
+        return 0
+    options = {"keep": args.keep, "force": args.force}
+    if args.no_smoke:
+        options["smoke"] = None
+    if args.from_dir is not None:
+        result = sync.sync_bundle(sync.LocalTree(args.from_dir), ".", args.local_root, **options)
+    else:
+        from elma_utils.offload.ssh_client import SSHTunnelClient
+
+        missing = [n for n in ("host", "port", "key", "known_hosts") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(
+                f"sync over SSH needs --{' --'.join(m.replace('_', '-') for m in missing)} (or --from-dir)"
+            )
+        import getpass
+
+        client = SSHTunnelClient(args.host, args.port, args.user or getpass.getuser(), args.key, args.known_hosts,
+                                 ("127.0.0.1", 1))  # fmt: skip
+        try:
+            result = sync.sync_with_client(client, args.remote_root, args.local_root, **options)
+        finally:
+            client.close()
+    print(f"{result.status}: {result.version} {result.message}".strip())
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from elma_utils.pipeline import PipelineError, run_pipeline
 
@@ -167,6 +222,49 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=16)
     sv.set_defaults(func=_cmd_serve)
 
+    pb = sub.add_parser(
+        "publish", help="server: publish an edge bundle, or retrain it from offloaded questions"
+    )
+    pbs = pb.add_subparsers(dest="what", required=True)
+    pb1 = pbs.add_parser("bundle", help="publish an existing bundle (the first one)")
+    pb1.add_argument("bundle", type=Path)
+    pb1.add_argument("--server-root", type=Path, required=True)
+    pb1.add_argument("--exits", type=Path, default=None, help="the exits artifact behind the bundle")
+    pb2 = pbs.add_parser(
+        "retrain", help="distil the edge on the hard-question store; publish only if no worse"
+    )
+    pb2.add_argument("--store", type=Path, required=True)
+    pb2.add_argument("--server-root", type=Path, required=True)
+    pb2.add_argument("--mode", default="distill", choices=["distill", "two_stage", "joint_distill"])
+    pb2.add_argument("--full-model", type=Path, default=None)
+    pb2.add_argument("--original-train", type=Path, default=None, help="SQuAD json mixed into the training")
+    pb2.add_argument("--original-limit", type=int, default=None)
+    pb2.add_argument("--dev-eval", type=Path, default=None, help="SQuAD json added to the held-out set")
+    pb2.add_argument("--dev-limit", type=int, default=None)
+    pb2.add_argument("--eval-fraction", type=float, default=0.2)
+    pb2.add_argument("--epochs", type=float, default=1.0)
+    pb2.add_argument("--lr", type=float, default=5e-4)
+    pb2.add_argument("--tolerance", type=float, default=0.0, help="F1 the candidate may lose and still ship")
+    pb2.add_argument("--json", action="store_true")
+    pb.set_defaults(func=_cmd_publish)
+
+    sy = sub.add_parser(
+        "sync", help="edge: fetch the latest bundle (SFTP), verify, swap atomically; or roll back"
+    )
+    sy.add_argument("--local-root", type=Path, required=True)
+    sy.add_argument("--host", default=None)
+    sy.add_argument("--port", type=int, default=None)
+    sy.add_argument("--user", default=None)
+    sy.add_argument("--key", type=Path, default=None, help="the device's ed25519 private key")
+    sy.add_argument("--known-hosts", type=Path, default=None, help="pinned server host key")
+    sy.add_argument("--remote-root", default=".", help="the bundles directory on the server (SFTP path)")
+    sy.add_argument("--from-dir", type=Path, default=None, help="update from a local directory (USB stick)")
+    sy.add_argument("--keep", type=int, default=2)
+    sy.add_argument("--force", action="store_true")
+    sy.add_argument("--no-smoke", action="store_true", help="skip the smoke question before the swap")
+    sy.add_argument("--rollback", action="store_true")
+    sy.set_defaults(func=_cmd_sync)
+
     pl = sub.add_parser("pipeline", help="run the notebooks in order with papermill")
     pl.add_argument("--profile", default=None)
     pl.add_argument("--only", default=None, help="comma-separated notebook names or numbers")
@@ -181,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         args.verbose = int(args.verbose)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, ConnectionError) as e:  # errors that say what to do
         print(f"elma {args.command}: error: {e}", file=sys.stderr)
         return 2
 

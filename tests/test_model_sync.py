@@ -464,3 +464,21 @@ def test_local_tree_is_read_only_and_confined(tmp_path):
         tree.open("link")
     with pytest.raises(PermissionError):
         tree.open("inside", "wb")
+
+
+def test_cli_sync_from_a_directory_and_rollback(server, tmp_path, capsys):
+    """`elma sync --from-dir` installs the published versions; `--rollback` goes back; a
+    directory without LATEST.json is refused with a message and exit status 2."""
+    from elma_utils.cli import main
+
+    local = str(tmp_path / "edge")
+    assert main(["sync", "--local-root", local, "--from-dir", str(view(server, tmp_path, "v1", "a"))]) == 0
+    assert main(["sync", "--local-root", local, "--from-dir", str(view(server, tmp_path, "v2", "b"))]) == 0
+    assert current_version(local) == server["v2"]
+    assert f"updated: {server['v2']}" in capsys.readouterr().out
+    assert main(["sync", "--local-root", local, "--rollback"]) == 0
+    assert current_version(local) == server["v1"]
+    (tmp_path / "empty").mkdir()
+    assert main(["sync", "--local-root", local, "--from-dir", str(tmp_path / "empty")]) == 2
+    assert "LATEST.json" in capsys.readouterr().err
+    assert current_version(local) == server["v1"]

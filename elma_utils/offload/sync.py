@@ -69,7 +69,7 @@ DEFAULT_SMOKE = (
 )
 
 
-class SyncError(Exception):
+class SyncError(RuntimeError):
     """The update was refused or failed; ``file`` names the file at fault when there is one."""
 
     def __init__(self, message: str, file: str | None = None):
