@@ -62,6 +62,25 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bundle:  # the whole spoken-question pipeline, stage by stage (elma_utils.bench.harness)
+        from elma_utils.bench import harness
+
+        argv = [a for b in args.bundle for a in ("--bundle", str(b))]
+        argv += [
+            "--audio-n",
+            str(args.audio_n),
+            "--typed-n",
+            str(args.typed_n),
+            "--runs",
+            str(args.runs_pipeline),
+        ]
+        if args.server_model:
+            argv += ["--server-model", str(args.server_model)]
+        if args.out:
+            argv += ["--out", args.out]
+        return harness.main(argv)
+    if args.model is None:
+        raise ValueError("elma bench needs --model DIR (full model) or --bundle DIR (pipeline benchmark)")
     from elma_utils.bench.inference import benchmark_inference
 
     result = benchmark_inference(
@@ -199,8 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_ask)
 
-    b = sub.add_parser("bench", help="inference latency (batch 1) and evaluation throughput")
-    b.add_argument("--model", type=Path, required=True)
+    b = sub.add_parser(
+        "bench",
+        help="full-model latency and throughput (--model), or the spoken-question pipeline per stage (--bundle)",
+    )
+    b.add_argument("--model", type=Path, default=None)
+    b.add_argument("--bundle", type=Path, action="append", default=None, help="edge bundle (repeatable)")
+    b.add_argument("--server-model", type=Path, default=None, help="full model for a local offload server")
+    b.add_argument("--audio-n", type=int, default=30, help="spoken dev-v1.1 questions (pipeline benchmark)")
+    b.add_argument("--typed-n", type=int, default=0, help="typed dev-v1.1 questions (pipeline benchmark)")
+    b.add_argument("--runs-pipeline", type=int, default=3, help="repeats per question (pipeline benchmark)")
     b.add_argument("--seq-len", type=int, default=384)
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--eval-examples", type=int, default=500)

@@ -500,11 +500,18 @@ NB05 = [
 ]
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from nb00_cells import NB00
+    from nb04_device_cells import NB04_DEVICE
+
     for name, cells in [
+        ("00_environment", NB00),
         ("01_squad_data", NB01),
         ("02_finetune_full_model", NB02),
         ("03_early_exit", NB03),
-        ("04_edge_export_and_benchmark", NB04),
+        ("04_edge_export_and_benchmark", NB04 + NB04_DEVICE),
         ("05_encrypted_offload", NB05),
     ]:
         nbf.write(notebook(cells, name), ROOT / "notebooks" / f"{name}.ipynb")
