@@ -282,20 +282,32 @@ NB03 = [
     ),
     (
         "md",
-        "## How many layers should the edge keep?\nThe edge keeps layers 1..k; a question none of them settles "
-        "is offloaded to the server's full model (its F1 counts). Cost per offload here: the full model on "
-        "this machine (a GPU server is faster) plus the SSH round trip `rtt_ms`. For each k, E_T is "
-        "cross-fitted with offloading in the sweep.",
+        "## How many layers should the edge keep, and which edge model?\nThe edge keeps layers 1..k of an "
+        "exits model (candidates: the distilled exits on the frozen full model, and the joint self-distilled "
+        "model whose own layers learned to answer early); a question none of them settles is offloaded to the "
+        "server's full model (its F1 counts). Cost per offload here: the full model on this machine (a GPU "
+        "server is faster) plus the SSH round trip `rtt_ms`; and a second scenario, a GPU server over Wi-Fi. "
+        "For each k, E_T is cross-fitted with offloading in the sweep.",
     ),
     (
         "code",
-        "server_ms = lat['embeddings_ms'] + sum(lat['layer_ms'])\n"
-        "split = choose_edge_depth(full['f1'], full['entropy'], server_v11, titles, np.array(lat['layer_ms']),\n"
-        "                          lat['embeddings_ms'], offload_ms=server_ms + rtt_ms, max_f1_loss=max_f1_loss)\n"
-        "split_gpu = choose_edge_depth(full['f1'], full['entropy'], server_v11, titles, np.array(lat['layer_ms']),\n"
-        "                              lat['embeddings_ms'], offload_ms=0.2 * server_ms + 20.0, max_f1_loss=max_f1_loss)\n"
-        "print('chosen k (server = this CPU):', split['best']['k'], '| (GPU server over Wi-Fi):', split_gpu['best']['k'])\n"
-        "[(r['k'], round(r['f1'], 2), round(r['share_offloaded'], 3), round(r['expected_ms'], 1), round(r['speedup'], 2)) for r in split['rows']]",
+        "server_ms = lat['embeddings_ms'] + sum(lat['layer_ms'])\nsplits = {}\n"
+        "for cand in [m for m in ('distill', 'joint_distill') if m in exit_dirs]:\n"
+        "    st = ee.layerwise_dev_stats(exit_dirs[cand], '1.1', P.eval_examples, data_dir=data_dir)\n"
+        "    for scenario, offload_ms in (('this_cpu_server', server_ms + rtt_ms), ('gpu_server_wifi', 0.2 * server_ms + 20.0)):\n"
+        "        splits[(cand, scenario)] = choose_edge_depth(st['f1'], st['entropy'], server_v11, titles, np.array(lat['layer_ms']),\n"
+        "                                                     lat['embeddings_ms'], offload_ms=offload_ms, max_f1_loss=max_f1_loss)\n"
+        "edge_split = {f'{c}/{s}': v for (c, s), v in splits.items()}\n"
+        "{k: (v['best']['k'], round(v['best']['f1'], 2), round(v['best']['share_offloaded'], 3), round(v['best']['speedup'], 2),\n"
+        "     v['within_target']) for k, v in edge_split.items()}",
+    ),
+    (
+        "code",
+        "fig, ax = plt.subplots(figsize=(6.5, 3.6))\n"
+        "for name, v in edge_split.items():\n"
+        "    ax.plot([r['k'] for r in v['rows']], [r['expected_ms'] for r in v['rows']], marker='o', label=name)\n"
+        "ax.set_xlabel('layers kept on the edge (k)'); ax.set_ylabel('expected ms per question'); ax.legend(fontsize=7)\n"
+        "fig.tight_layout()\nreporting.save_figure(fig, '03_edge_depth', REPORTS)",
     ),
     (
         "md",
@@ -315,7 +327,7 @@ NB03 = [
         "code",
         "reporting.save_metrics('03_early_exit', {'profile': P.name, 'modes': compare, 'best_mode': best_mode,\n"
         "    'layer_latency': lat, 'dev_v1_1': summary_v11, 'best_f1_at_2x_modelled': at_2x, 'runtime_speedup': speed,\n"
-        "    'dev_v2_0': summary_v20, 'runtime_speedup_v2': speed_v20, 'edge_split': split, 'edge_split_gpu_server': split_gpu,\n"
+        "    'dev_v2_0': summary_v20, 'runtime_speedup_v2': speed_v20, 'edge_split': edge_split,\n"
         "    'entropy_predictor': predictor}, REPORTS)",
     ),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from elma_utils.early_exit.experiment import cross_fitted_exit, dev_questions
 
@@ -30,3 +31,22 @@ def test_dev_questions_are_spread_over_every_article():
     assert len({e.title for e in examples}) == len({e.title for e in ds.examples}) == 48
     _, everything = dev_questions("1.1", None)
     assert len(everything) == 10570
+
+
+def test_cross_fitted_exit_against_a_stronger_reference_reports_the_miss():
+    """An edge model 2 points below the server at every depth cannot meet a 1-point target:
+    the best-F1 threshold is used and the result says the target was missed."""
+    import numpy as np
+
+    from elma_utils.early_exit.experiment import cross_fitted_exit
+
+    rng = np.random.default_rng(0)
+    n = 400
+    f1 = np.stack([np.full(n, 0.5), np.full(n, 0.78)])
+    entropy = np.stack([rng.random(n), np.full(n, 0.1)])
+    titles = [f"t{i % 10}" for i in range(n)]
+    r = cross_fitted_exit({"f1": f1, "entropy": entropy}, titles, 1.0, reference_f1=np.full(n, 0.80))
+    assert r["within_target_on_tuning_halves"] is False
+    assert r["reference_f1"] == 80.0 and r["f1"] == 78.0 and r["f1_loss"] == pytest.approx(2.0)
+    ok = cross_fitted_exit({"f1": f1, "entropy": entropy}, titles, 1.0)
+    assert ok["within_target_on_tuning_halves"] is True and ok["reference_f1"] == 78.0
