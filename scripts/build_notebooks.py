@@ -399,8 +399,8 @@ NB04 = [
     (
         "code",
         "ds2, ex2 = ee.dev_questions('2.0', n_whole, data_dir)\nparts = []\n"
-        "for setting, mask in zip(prev['dev_v2_0']['settings'], held_out_folds([e.title for e in ex2])):\n"
-        "    qs = [e for e, m in zip(ex2, mask) if m]\n"
+        "for setting, mask in zip(prev['dev_v2_0']['settings'], held_out_folds([e.title for e in ex2]), strict=True):\n"
+        "    qs = [e for e, m in zip(ex2, mask, strict=True) if m]\n"
         "    pol = EntropyPolicy(setting['E_T'], no_answer_margin=setting['margin'], null_threshold=setting['null_thresholds'])\n"
         "    parts.append(evaluate_bundle(edge['int8']['bundle'], qs, ds2.raw, '2.0', policy=pol,\n"
         "                                 null_thresholds=setting['null_thresholds']))\n"
@@ -436,7 +436,7 @@ NB05 = [
     ("code", "precision = 'int8'\nthresholds = [0.2, 0.4, 0.5, 0.6, 0.7, 0.9]"),
     (
         "code",
-        "import json\n\nimport matplotlib.pyplot as plt\nimport numpy as np\n\nfrom elma_utils import config, reporting\n"
+        "import matplotlib.pyplot as plt\nimport numpy as np\n\nfrom elma_utils import config, reporting\n"
         "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.early_exit.policies import EntropyPolicy\n"
         "from elma_utils.model.finetune import finetune\nfrom elma_utils.offload.deployment import LoopbackDeployment\n"
         "from elma_utils.squad.metrics import per_question_scores\n\n"
@@ -454,7 +454,7 @@ NB05 = [
         "n = 300 if P.name != 'smoke' else 16\nds, examples = ee.dev_questions('1.1', n, data_dir)\n"
         "dep = LoopbackDeployment(model_dir, bundle, work, way_in='endpoint', device_id='notebook-05').start()\n"
         "results = [dep.edge.answer(e.question, e.context) for e in examples]\n"
-        "scores = per_question_scores(ds.raw, {e.qas_id: r.text for e, r in zip(examples, results)}, '1.1')\n"
+        "scores = per_question_scores(ds.raw, {e.qas_id: r.text for e, r in zip(examples, results, strict=True)}, '1.1')\n"
         "f1 = np.array([scores[e.qas_id][1] for e in examples])\nsource = np.array([r.source for r in results])\n"
         "sample = {'questions': len(examples), 'f1': 100 * f1.mean(), 'share_offloaded': float(np.mean(source == 'server')),\n"
         "          'f1_edge_answered': 100 * f1[source == 'edge'].mean() if (source == 'edge').any() else None,\n"
@@ -477,7 +477,7 @@ NB05 = [
         "for t in thresholds:\n"
         "    edge_model.policy = EntropyPolicy(t)\n"
         "    rs = [dep.edge.answer(e.question, e.context) for e in examples[:m]]\n"
-        "    sc = per_question_scores(ds.raw, {e.qas_id: r.text for e, r in zip(examples[:m], rs)}, '1.1')\n"
+        "    sc = per_question_scores(ds.raw, {e.qas_id: r.text for e, r in zip(examples[:m], rs, strict=True)}, '1.1')\n"
         "    curve.append({'E_T': t, 'f1': 100 * float(np.mean([sc[e.qas_id][1] for e in examples[:m]])),\n"
         "                  'share_offloaded': float(np.mean([r.source == 'server' for r in rs])),\n"
         "                  'ms_per_question': float(np.mean([r.total_ms for r in rs]))})\n"
@@ -512,6 +512,7 @@ NB05 = [
 ]
 
 if __name__ == "__main__":
+    import subprocess
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -527,3 +528,7 @@ if __name__ == "__main__":
         ("05_encrypted_offload", NB05),
     ]:
         nbf.write(notebook(cells, name), ROOT / "notebooks" / f"{name}.ipynb")
+    # the committed notebooks are what ruff checks: sort imports and format them like the package
+    ruff = Path(sys.executable).parent / "ruff"
+    subprocess.run([str(ruff), "check", "--fix", "-q", "notebooks"], cwd=ROOT, check=False)
+    subprocess.run([str(ruff), "format", "-q", "notebooks"], cwd=ROOT, check=True)
