@@ -511,6 +511,94 @@ NB05 = [
     ),
 ]
 
+NB07 = [
+    (
+        "md",
+        "# 07 · Data set growth and model sync\n\nThe loop that makes ELMA improve where the device is weak: the "
+        "device asks questions the models never trained on (held-back SQuAD v1.1 train questions); those it "
+        "cannot settle go to the server, which answers and stores them. The server exports them as a SQuAD data "
+        "set (its answers as pseudo-labels), distils the edge exits on it with the full model's answers as "
+        "teacher, evaluates candidate and current edge on held-out questions, and publishes only if the "
+        "candidate is no worse. The device then fetches the new bundle over the same SSH connection (SFTP), "
+        "checks every sha256 and swaps atomically.",
+    ),
+    PARAMS,
+    ("code", "precision = 'int8'\nmode = 'distill'\ntolerance = 0.0"),
+    (
+        "code",
+        "import json\n\nimport matplotlib.pyplot as plt\n\nfrom elma_utils import config, reporting\n"
+        "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.model.finetune import finetune, held_back_examples\n"
+        "from elma_utils.early_exit.policies import EntropyPolicy\nfrom elma_utils.offload import publish, sync\n"
+        "from elma_utils.offload.deployment import LoopbackDeployment\nfrom elma_utils.squad.data import load_squad\n\n"
+        "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nmodel_dir = finetune(P, data_dir=data_dir, verbose=0)\n"
+        "m03 = REPORTS / 'metrics' / '03_early_exit.json'\nbest = json.loads(m03.read_text())['best_mode'] if m03.is_file() else 'distill'\n"
+        "exits_dir = ee.train_exits_for_profile(model_dir, best, P, data_dir)\n"
+        "bundle = config.artifacts_dir() / f'{model_dir.name}-edge' / precision  # written by notebook 04\n"
+        "run = config.artifacts_dir() / f'{model_dir.name}-growth'\nserver_root, device_root = run / 'server', run / 'device'\n"
+        "if not (publish.bundles_dir(server_root) / 'LATEST.json').is_file():\n"
+        "    publish.publish_bundle(bundle, server_root, exits_dir=exits_dir)\npublish.read_latest(server_root)",
+    ),
+    (
+        "md",
+        "## The device asks, the server keeps the hard ones\nThe device first installs the published bundle "
+        "(SFTP through ELMA's SSH endpoint), then asks held-back train questions.",
+    ),
+    (
+        "code",
+        "n_ask = 2000 if P.name != 'smoke' else 40\nasked = held_back_examples(P, n_ask, data_dir)\n"
+        "with LoopbackDeployment(model_dir, bundle, run / 'loop', device_id='growth-device',\n"
+        "                        sftp_root=publish.bundles_dir(server_root)) as dep:\n"
+        "    installed = sync.sync_with_client(dep.tunnel, '.', device_root)\n"
+        "    if P.name == 'smoke':  # the tiny random model settles everything: offload all to exercise the loop\n"
+        "        dep.edge.edge.policy = EntropyPolicy(-1.0)\n"
+        "    sources = [dep.edge.answer(e.question, e.context).source for e in asked]\n"
+        "    store_path = dep.server.store.db.path\n    stored = dep.server.store.stats()\n"
+        "grown = {'asked': len(asked), 'offloaded': sources.count('server'), 'fallbacks': sources.count('edge-fallback'),\n"
+        "         'stored_questions': stored.questions, 'installed': installed.version}\ngrown",
+    ),
+    (
+        "md",
+        "## Retrain, evaluate, publish only if no worse\nHeld out: the store export's evaluation contexts (never "
+        "trained on) and the first dev-v1.1 questions with their real labels.",
+    ),
+    (
+        "code",
+        "dev_path = load_squad('1.1', 'dev', data_dir=data_dir).path\n"
+        "result = publish.retrain_edge(store_path, server_root, mode=mode, full_model_dir=model_dir, dev_eval=dev_path,\n"
+        "                              dev_limit=500 if P.name != 'smoke' else 20, squad_version='1.1', epochs=1.0,\n"
+        "                              batch_size=P.batch_size, tolerance=tolerance)\n"
+        "print(result.reason)\n{'current': result.current.get('f1'), 'candidate': result.candidate.get('f1')}",
+    ),
+    (
+        "code",
+        "names = [k for k in result.current.get('sets', {}) if k in result.candidate.get('sets', {})]\n"
+        "fig, ax = plt.subplots(figsize=(6, 3.2))\nx = range(len(names))\n"
+        "ax.bar([i - 0.2 for i in x], [result.current['sets'][k]['f1'] for k in names], 0.4, label='current edge')\n"
+        "ax.bar([i + 0.2 for i in x], [result.candidate['sets'][k]['f1'] for k in names], 0.4, label='retrained edge')\n"
+        "ax.set_xticks(list(x), names); ax.set_ylabel('edge F1 (held out)'); ax.legend(); fig.tight_layout()\n"
+        "reporting.save_figure(fig, '07_edge_f1_before_after', REPORTS)",
+    ),
+    (
+        "md",
+        "## Sync\nThe device fetches whatever is now published (a new version if the gate let it through) "
+        "over SFTP, verifies every file and swaps; the previous version stays for rollback.",
+    ),
+    (
+        "code",
+        "with LoopbackDeployment(model_dir, bundle, run / 'loop', device_id='growth-device',\n"
+        "                        sftp_root=publish.bundles_dir(server_root)) as dep:\n"
+        "    synced = sync.sync_with_client(dep.tunnel, '.', device_root)\n"
+        "{'status': synced.status, 'version': synced.version, 'previous': synced.previous, 'bytes': synced.bytes,\n"
+        " 'seconds': round(synced.seconds, 2)}",
+    ),
+    (
+        "code",
+        "reporting.save_metrics('07_dataset_growth_and_sync', {'profile': P.name, 'mode': mode, 'grown': grown,\n"
+        "    'retrain': result.to_dict(), 'sync': {'status': synced.status, 'version': synced.version,\n"
+        "    'previous': synced.previous, 'bytes': synced.bytes, 'seconds': synced.seconds}}, REPORTS)",
+    ),
+]
+
 if __name__ == "__main__":
     import subprocess
     import sys
@@ -526,6 +614,7 @@ if __name__ == "__main__":
         ("03_early_exit", NB03),
         ("04_edge_export_and_benchmark", NB04 + NB04_DEVICE),
         ("05_encrypted_offload", NB05),
+        ("07_dataset_growth_and_sync", NB07),
     ]:
         nbf.write(notebook(cells, name), ROOT / "notebooks" / f"{name}.ipynb")
     # the committed notebooks are what ruff checks: sort imports and format them like the package

@@ -447,3 +447,18 @@ def test_file_missing_from_shared_dir_is_looked_for_in_project_data(tmp_path, mo
     assert squad_path("2.0", "train", download=False) == project / "data" / "squad" / "train-v2.0.json"
     with pytest.raises(FileNotFoundError, match="dev-v2.0.json"):
         squad_path("2.0", "dev", download=False)
+
+
+def test_held_back_examples_are_never_training_examples():
+    import dataclasses
+
+    from elma_utils import config
+    from elma_utils.model.finetune import held_back_examples, training_examples
+
+    profile = dataclasses.replace(config.get_profile("smoke"), v2_unanswerable_ratio=0.0)
+    train_ids = {e.qas_id for e in training_examples(profile)}
+    held = held_back_examples(profile, 50, seed=1)
+    assert len(held) == 50 and not train_ids & {e.qas_id for e in held}
+    assert held == held_back_examples(profile, 50, seed=1)
+    with pytest.raises(ValueError, match="none is held back"):
+        held_back_examples(dataclasses.replace(profile, train_examples=None), 5)

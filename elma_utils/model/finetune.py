@@ -32,6 +32,20 @@ def training_examples(profile: cfg.Profile, data_dir: Path | None = None) -> lis
     return examples
 
 
+def held_back_examples(profile: cfg.Profile, n: int, data_dir: Path | None = None, seed: int = 0) -> list:
+    """``n`` SQuAD v1.1 train questions the profile did *not* train on (seeded sample of the
+    complement of ``training_examples``): fresh questions a device can ask in a data-growth
+    experiment without the models having seen them."""
+    examples = load_squad("1.1", "train", data_dir=data_dir).examples
+    if profile.train_examples is None or profile.train_examples >= len(examples):
+        raise ValueError(f"profile {profile.name!r} trains on every train question: none is held back")
+    rng = random.Random(profile.seed)
+    used = set(rng.sample(range(len(examples)), profile.train_examples))
+    rest = [i for i in range(len(examples)) if i not in used]
+    pick = sorted(random.Random(seed).sample(rest, min(n, len(rest))))
+    return [examples[i] for i in pick]
+
+
 def finetune(
     profile: cfg.Profile,
     name: str | None = None,
