@@ -770,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=int, default=10_000)
     p.add_argument("--num-threads", type=int, default=None, help="LiteRT threads (default: its own)")
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--out", default=None, help="save reports/metrics/<OUT>.json (e.g. 07_device_benchmark)")
+    p.add_argument("--out", default=None, help="save reports/metrics/<OUT>.json (e.g. bench_pipeline)")
     p.add_argument("--figure", default=None, help="figure name (default: <OUT's number>_stage_latency)")
     p.add_argument("--reports-dir", type=Path, default=None)
     p.add_argument("--no-samples", action="store_true", help="do not keep the per-run rows at all")
