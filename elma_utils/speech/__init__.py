@@ -5,6 +5,9 @@
 - :mod:`.spoken_data`: SQuAD questions spoken by espeak-ng, with a JSON-lines manifest.
 - :mod:`.wer`: normalisation and word error rate.
 - :mod:`.benchmark`: WER and real-time factor per engine and voice over a manifest.
+- :mod:`.spoken_qa`: ``SpokenQA(recognizer, answerer).ask(audio, context)`` -> transcript, answer,
+  where it came from (edge layer / server / full model) and per-stage timings; ``resolve_context``.
+- :mod:`.qa_benchmark`: F1 of spoken vs typed questions with the same QA model, WER, RTF.
 
 Heavy dependencies (librosa, faster-whisper, pocketsphinx) are imported on first use.
 """
@@ -16,11 +19,15 @@ from elma_utils.speech.recognizers import (
     available_engines,
     get_recognizer,
 )
+from elma_utils.speech.spoken_qa import ContextError, SpokenAnswer, SpokenQA, resolve_context
 from elma_utils.speech.wer import normalize_text, word_error_rate
 
 __all__ = [
     "AudioError",
+    "ContextError",
     "RecognitionError",
+    "SpokenAnswer",
+    "SpokenQA",
     "Transcript",
     "available_engines",
     "capture_microphone",
@@ -28,5 +35,6 @@ __all__ = [
     "load_audio",
     "normalize_text",
     "prepare_audio",
+    "resolve_context",
     "word_error_rate",
 ]

@@ -10,6 +10,9 @@ load; they are reported, never asserted.
 
 Engines by name: ``whisper``, ``sphinx`` (free dictation) and ``sphinx-grammar`` (sphinx
 constrained to the manifest's own questions, i.e. a closed question set).
+
+With `contexts` (question id -> the paragraph it asks about) each utterance is transcribed
+with its context (Whisper's initial prompt; see :func:`~elma_utils.speech.recognizers.context_prompt`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +51,13 @@ def transcribe_manifest(
     *,
     limit: int | None = None,
     progress: bool = True,
+    contexts: Mapping[str, str] | None = None,
     **engine_options,
 ) -> list[dict]:
     """One row per utterance: ids and conditions, reference, transcript, seconds, audio seconds,
-    and its word errors. An unusable audio file gives a row with `error` set, not an exception."""
+    and its word errors. An unusable audio file gives a row with `error` set, not an exception.
+    `contexts` maps question ids to the text each question is about (given to the recogniser);
+    an id missing from it is an error, so a run never mixes prompted and unprompted rows."""
     from tqdm.auto import tqdm
 
     items = _items(manifest, limit)
@@ -67,13 +73,17 @@ def transcribe_manifest(
             "engine": engine_name,
             "reference": item.text,
             "file_seconds": item.duration,
+            "context": contexts is not None,
         }
+        if contexts is not None and item.qas_id not in contexts:
+            raise KeyError(f"no context for question {item.qas_id!r}")
         try:
             audio = load_audio(item.path)
         except AudioError as exc:
             rows.append({**row, "error": str(exc)})
             continue
-        transcript = recognizer.transcribe(audio)
+        context = contexts[item.qas_id] if contexts is not None else None
+        transcript = recognizer.transcribe(audio, context=context)
         counts = wer_counts(item.text, transcript.text)
         rows.append(
             {
