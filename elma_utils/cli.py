@@ -51,14 +51,63 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from elma_utils.model.inference import QAModel
+    from elma_utils.speech.spoken_qa import SpokenQA, resolve_context
 
-    context = (
-        args.context if args.context is not None else Path(args.context_file).read_text(encoding="utf-8")
-    )
-    answer = QAModel.load(args.model).answer(args.question, context)
-    print(json.dumps(answer.to_dict(), indent=2) if args.json else answer.text)
+    if args.audio is None and args.question is None:
+        raise ValueError("give the question as --audio FILE or --question TEXT")
+    if (args.model is None) == (args.bundle is None):
+        raise ValueError("answer with exactly one of --model DIR (full model) and --bundle DIR (edge model)")
+    context, squad_question = resolve_context(args.context, args.context_file, args.squad_id, args.data_dir)
+    answerer = _answerer(args)
+    recognizer = None
+    if args.audio is not None:
+        from elma_utils.speech.recognizers import get_recognizer
+
+        recognizer = get_recognizer(args.engine)
+    qa = SpokenQA(recognizer, answerer)
+    try:
+        if args.audio is not None:
+            r = qa.ask(args.audio, context, reference=args.question or squad_question)
+        else:
+            r = qa.ask_typed(args.question, context)
+    finally:
+        tunnel = getattr(answerer, "tunnel", None)
+        if tunnel is not None:
+            tunnel.close()
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return 0
+    if args.audio is not None:
+        print(f"heard:  {r.transcript}")
+    print(f"answer: {r.answer if r.answer else '(no answer)'}")
+    print(f"from:   {r.where}")
+    print("ms:     " + ", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items()))
     return 0
+
+
+def _answerer(args: argparse.Namespace):
+    """QAModel (--model), EdgeModel (--bundle), or EdgeQA when --ssh-port names a server."""
+    if args.model is not None:
+        from elma_utils.model.inference import QAModel
+
+        return QAModel.load(args.model)
+    from elma_utils.export.edge_runtime import EdgeModel
+
+    edge = EdgeModel.load(args.bundle)
+    if args.ssh_port is None:
+        return edge
+    import getpass
+
+    from elma_utils.offload.edge_client import EdgeQA
+    from elma_utils.offload.outbox import Outbox
+    from elma_utils.offload.ssh_client import SSHTunnelClient
+
+    missing = [n for n in ("key", "known_hosts", "service_port") if getattr(args, n) is None]
+    if missing:
+        raise ValueError("offloading needs --" + " --".join(m.replace("_", "-") for m in missing))
+    tunnel = SSHTunnelClient(args.ssh_host, args.ssh_port, args.user or getpass.getuser(), args.key,
+                             args.known_hosts, ("127.0.0.1", args.service_port))  # fmt: skip
+    return EdgeQA(edge, tunnel, Outbox(args.outbox), device_id=args.device_id)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -209,12 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=_cmd_evaluate)
 
-    a = sub.add_parser("ask", help="answer one typed question about a context")
-    a.add_argument("--model", type=Path, required=True)
-    a.add_argument("--question", required=True)
+    a = sub.add_parser("ask", help="answer a spoken (--audio) or typed (--question) question about a text")
+    q = a.add_argument_group("the question")
+    q.add_argument("--audio", type=Path, default=None, help="WAV/FLAC/OGG/MP3 file with the spoken question")
+    q.add_argument("--question", default=None, help="typed question (with --audio: the reference for WER)")
+    q.add_argument("--engine", default="whisper", choices=["whisper", "sphinx"], help="speech recogniser")
     g = a.add_mutually_exclusive_group(required=True)
-    g.add_argument("--context")
-    g.add_argument("--context-file")
+    g.add_argument("--context", help="the text the question is about")
+    g.add_argument("--context-file", type=Path)
+    g.add_argument("--squad-id", help="take the context of this SQuAD dev question")
+    a.add_argument("--data-dir", type=Path, default=None)
+    m = a.add_argument_group("the model")
+    m.add_argument("--model", type=Path, default=None, help="full model artifact")
+    m.add_argument("--bundle", type=Path, default=None, help="edge bundle (early exit on this device)")
+    o = a.add_argument_group("offloading (with --bundle)")
+    o.add_argument("--ssh-host", default="127.0.0.1")
+    o.add_argument("--ssh-port", type=int, default=None, help="the server's SSH endpoint or sshd")
+    o.add_argument(
+        "--service-port", type=int, default=None, help="the `elma serve` port on the server's loopback"
+    )
+    o.add_argument("--user", default=None)
+    o.add_argument("--key", type=Path, default=None, help="this device's ed25519 private key")
+    o.add_argument("--known-hosts", type=Path, default=None, help="the server's pinned host key")
+    o.add_argument("--outbox", type=Path, default=Path("edge/outbox.sqlite3"))
+    o.add_argument("--device-id", default="edge")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_ask)
 

@@ -149,6 +149,9 @@ def _header(root: Path, profile: str | None) -> list[str]:
     return lines
 
 
+MAX_TABLE_ROWS = 80  # per metrics file in REPORT.md; per-item rows belong in the json, not the report
+
+
 def _metrics_table(metrics: Mapping[str, Any], source: str) -> list[str]:
     rows, left_out = [], 0
     for key, value in flatten(metrics).items():
@@ -157,7 +160,11 @@ def _metrics_table(metrics: Mapping[str, Any], source: str) -> list[str]:
             left_out += 1
         else:
             rows.append(f"| {_md_cell(key)} | {_md_cell(text)} |")
+    hidden = max(0, len(rows) - MAX_TABLE_ROWS)
+    rows = rows[:MAX_TABLE_ROWS]
     lines = ["| metric | value |", "|---|---|", *rows] if rows else ["_No scalar metrics._"]
+    if hidden:
+        lines += ["", f"_{hidden} more value(s) not shown; see `{source}`._"]
     if left_out:
         lines += ["", f"_{left_out} list or long text value(s) not shown; see `{source}`._"]
     return lines

@@ -606,6 +606,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from nb00_cells import NB00
     from nb04_device_cells import NB04_DEVICE
+    from nb06_cells import NB06
 
     for name, cells in [
         ("00_environment", NB00),
@@ -614,6 +615,7 @@ if __name__ == "__main__":
         ("03_early_exit", NB03),
         ("04_edge_export_and_benchmark", NB04 + NB04_DEVICE),
         ("05_encrypted_offload", NB05),
+        ("06_speech_to_answer", NB06),
         ("07_dataset_growth_and_sync", NB07),
     ]:
         nbf.write(notebook(cells, name), ROOT / "notebooks" / f"{name}.ipynb")

@@ -135,7 +135,7 @@ NB06 = [
         "for item in examples:  # warm-up: the model's first call per input shape traces it\n"
         "    load_audio(item.path), qa.answer(item.text, contexts[item.qas_id].context)\n"
         "fig, axes = plt.subplots(len(examples), 2, figsize=(11, 2.6 * len(examples)))\nworked = []\n"
-        "for item, (ax_wave, ax_spec) in zip(examples, axes):\n"
+        "for item, (ax_wave, ax_spec) in zip(examples, axes, strict=True):\n"
         "    example = contexts[item.qas_id]\n"
         "    result = spoken_qa.ask(item.path, example.context, reference=item.text)\n"
         "    y = load_audio(item.path)\n"

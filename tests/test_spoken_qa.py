@@ -245,3 +245,24 @@ def test_spoken_vs_typed_f1(whisper, model_dir, dev_v11, tmp_path):
     assert one["utterances"] == 2 and one["questions"] == 1
     assert set(targets_met(result)) == {"wer", "rtf", "f1_drop"}
     assert "whisper" in format_table({"whisper": result})
+
+
+# -- the command line: elma ask ------------------------------------------------------------------------
+def test_elma_ask_spoken_and_typed(wav, model_dir, settling_bundle, capsys, tmp_path):
+    from elma_utils.cli import main
+
+    context_file = tmp_path / "context.txt"
+    context_file.write_text(CONTEXT)
+    assert main(["ask", "--audio", str(wav), "--context-file", str(context_file), "--model", str(model_dir),
+                 "--json"]) == 0  # fmt: skip
+    spoken_answer = json.loads(capsys.readouterr().out)
+    assert word_error_rate([QUESTION], [spoken_answer["transcript"]]) <= 0.3
+    assert spoken_answer["source"] == "full-model" and spoken_answer["answer"] in CONTEXT
+    assert {"load_audio", "asr", "full_model", "total"} <= set(spoken_answer["timings_ms"])
+
+    assert main(["ask", "--question", QUESTION, "--context", CONTEXT, "--bundle", str(settling_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "from:   edge layer 1 of 2" in out and "answer: " in out and "heard:" not in out
+
+    assert main(["ask", "--context", CONTEXT, "--model", str(model_dir)]) == 2  # no question at all
+    assert "--audio FILE or --question TEXT" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from elma_utils.speech.audio import SAMPLE_RATE, AudioSource, load_audio, prepare_audio
-from elma_utils.speech.recognizers import RecognitionError, Recognizer
+from elma_utils.speech.recognizers import RecognitionError, Recognizer, Transcript
 from elma_utils.speech.wer import word_error_rate
 
 SOURCES = ("edge", "server", "edge-fallback", "full-model")
@@ -182,6 +182,23 @@ class SpokenQA:
         answer = self._spoken_answer(result, transcript, timings, answer_ms)
         timings["total"] = (time.perf_counter() - t_start) * 1000
         answer.reference = reference
+        return answer
+
+    def ask_typed(self, question: str, context: str) -> SpokenAnswer:
+        """The same answer record for a typed question (no audio, no recognition): what
+        `elma ask --question` prints, so spoken and typed runs compare stage by stage."""
+        if not isinstance(question, str) or not question.strip():
+            raise ContextError("the question is empty")
+        if not isinstance(context, str) or not context.strip():
+            raise ContextError("the context is empty: give the text the question is about")
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        result = self.answerer.answer(question.strip(), context)
+        answer_ms = (time.perf_counter() - t0) * 1000
+        typed = Transcript(text=question.strip(), seconds=0.0, engine="typed", audio_seconds=0.0)
+        answer = self._spoken_answer(result, typed, timings, answer_ms)
+        timings["total"] = (time.perf_counter() - t_start) * 1000
         return answer
 
     def _spoken_answer(
