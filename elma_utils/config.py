@@ -140,6 +140,9 @@ PROFILES: dict[str, Profile] = {
         eval_batch_size=256,
     ),
 }
+# The cpu profile plus on-topic made-up negatives (the answer sentence cut out of the own
+# paragraph): a SQuAD 2.0-style full model without SQuAD 2.0 training data.
+PROFILES["cpu-v2"] = dataclasses.replace(PROFILES["cpu"], name="cpu-v2", hard_negative_ratio=0.3)
 
 
 def get_profile(name: str | None = None) -> Profile:

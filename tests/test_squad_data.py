@@ -462,3 +462,17 @@ def test_held_back_examples_are_never_training_examples():
     assert held == held_back_examples(profile, 50, seed=1)
     with pytest.raises(ValueError, match="none is held back"):
         held_back_examples(dataclasses.replace(profile, train_examples=None), 5)
+
+
+def test_training_examples_add_hard_negatives_when_the_profile_asks():
+    import dataclasses
+
+    from elma_utils import config
+    from elma_utils.model.finetune import training_examples
+
+    base = dataclasses.replace(config.get_profile("smoke"), v2_unanswerable_ratio=0.0, train_examples=200)
+    plain = training_examples(base)
+    hard = training_examples(dataclasses.replace(base, hard_negative_ratio=0.5))
+    added = hard[len(plain) :]
+    assert hard[: len(plain)] == plain and 60 <= len(added) <= 100
+    assert all(e.is_impossible and e.qas_id.endswith("_cut") for e in added)

@@ -10,6 +10,7 @@ shared with the full model, plus one head per layer) and ``exits.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -56,11 +57,9 @@ def train_exits(
         return out
     span, tokenizer, config = artifacts.load_span_model(full_model_dir)
     profile = profile or cfg.Profile(**config["profile"])
-    examples = training_examples(profile, data_dir)
     if hard_negative_ratio > 0:
-        from elma_utils.squad.hard_negatives import make_hard_unanswerable
-
-        examples = examples + make_hard_unanswerable(examples, hard_negative_ratio, seed=profile.seed)
+        profile = dataclasses.replace(profile, hard_negative_ratio=hard_negative_ratio)
+    examples = training_examples(profile, data_dir)
     feats = cached_features(
         examples,
         tokenizer,

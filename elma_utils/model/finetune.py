@@ -20,16 +20,22 @@ from elma_utils.squad.features import cached_features, span_recovery_rate
 
 
 def training_examples(profile: cfg.Profile, data_dir: Path | None = None) -> list[SquadExample]:
-    """SQuAD v1.1 train questions (a seeded random subset when the profile says so),
-    plus made-up unanswerable ones when ``v2_unanswerable_ratio`` > 0."""
+    """SQuAD v1.1 train questions (a seeded random subset when the profile says so), plus
+    made-up unanswerable ones: another paragraph of the article (``v2_unanswerable_ratio``)
+    and the own paragraph without its answer sentence (``hard_negative_ratio``)."""
     examples = load_squad("1.1", "train", data_dir=data_dir).examples
     if profile.train_examples is not None and profile.train_examples < len(examples):
         rng = random.Random(profile.seed)
         keep = sorted(rng.sample(range(len(examples)), profile.train_examples))
         examples = [examples[i] for i in keep]
+    made = []
     if profile.v2_unanswerable_ratio > 0:
-        examples = examples + make_unanswerable(examples, profile.v2_unanswerable_ratio, seed=profile.seed)
-    return examples
+        made += make_unanswerable(examples, profile.v2_unanswerable_ratio, seed=profile.seed)
+    if profile.hard_negative_ratio > 0:  # on-topic negatives: the answer sentence cut out
+        from elma_utils.squad.hard_negatives import make_hard_unanswerable
+
+        made += make_hard_unanswerable(examples, profile.hard_negative_ratio, seed=profile.seed)
+    return examples + made
 
 
 def held_back_examples(profile: cfg.Profile, n: int, data_dir: Path | None = None, seed: int = 0) -> list:
