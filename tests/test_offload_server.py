@@ -8,6 +8,7 @@ import getpass
 import json
 import signal
 import socket
+import socketserver
 import sqlite3
 import subprocess
 import sys
@@ -327,3 +328,38 @@ def test_unreachable_server_falls_back_to_the_device(tmp_path, keys, offload_bun
     assert len(edge.outbox) == 1 and edge.outbox.pending()[0].request.question == questions[0][0]
     with pytest.raises(OffloadUnavailable):
         edge.send(edge.outbox.pending()[0].request)
+
+
+class _SlowEcho(socketserver.StreamRequestHandler):
+    """Replies to each line after 0.5 s: long enough to cut the SSH connection meanwhile."""
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            time.sleep(0.5)
+            self.wfile.write(line)
+
+
+def test_a_connection_dropped_mid_request_is_retried_on_a_new_one(keys, tmp_path):
+    slow = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SlowEcho)
+    slow.daemon_threads = True
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    host_key = tmp_path / "host_ed25519"
+    generate_ed25519_key(host_key)
+    ep = SSHEndpoint(host_key, keys.authorized_keys, slow.server_address).start()
+    pin(keys.known_hosts, ep.port, load_private_key(host_key))
+    tunnel = _tunnel(keys, ep.port, slow.server_address[1])
+    try:
+        assert tunnel.request_line(b"warm-up", timeout=10) == b"warm-up"
+        got: list[bytes] = []
+        asking = threading.Thread(target=lambda: got.append(tunnel.request_line(b"in flight", timeout=10)))
+        asking.start()
+        time.sleep(0.2)  # the request is on the wire, its reply not yet
+        assert ep.drop_connections() == 1
+        asking.join(15)
+        assert got == [b"in flight"]
+        assert tunnel.stats.reconnects == 1 and tunnel.stats.retried_requests == 1
+    finally:
+        tunnel.close()
+        ep.close()
+        slow.shutdown()
+        slow.server_close()
