@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from elma_utils.atomic_files import fsync_dir, write_bytes_atomic
 from elma_utils.export.bundle import MANIFEST, read_thresholds, sha256_file, verify_bundle
 from elma_utils.offload.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
 
@@ -99,28 +99,6 @@ def _next_serial(bundles: Path) -> int:
     return max(serials, default=0) + 1
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _copy_tree_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,13 +123,13 @@ def _promote(staging: Path, server_root: Path, exits_dir: Path | None, notes: di
     version = f"edge-{serial:06d}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{content[:8]}"
     manifest.setdefault("source_model_version", manifest["model_version"])
     manifest["model_version"] = version  # the edge checks that the manifest names the published version
-    _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_bytes_atomic(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
     verify_bundle(staging)
     if exits_dir is not None:
         (server_root / EXITS_DIR).mkdir(parents=True, exist_ok=True)
         _copy_tree_atomic(exits_dir, server_root / EXITS_DIR / version)
     os.rename(staging, bundles / version)
-    _fsync_dir(bundles)
+    fsync_dir(bundles)
     mpath = bundles / version / MANIFEST
     pointer = LatestPointer(
         version,
@@ -161,7 +139,7 @@ def _promote(staging: Path, server_root: Path, exits_dir: Path | None, notes: di
         datetime.now(UTC).isoformat(timespec="seconds"),
         notes or {},
     )
-    _write_atomic(bundles / LATEST_NAME, pointer.to_json())
+    write_bytes_atomic(bundles / LATEST_NAME, pointer.to_json())
     return version
 
 

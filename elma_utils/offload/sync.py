@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from elma_utils.atomic_files import fsync_dir, write_json_atomic
+
 LATEST_NAME = "LATEST.json"
 LATEST_FORMAT = "elma-edge-latest"
 MANIFEST_NAME = "manifest.json"
@@ -266,28 +268,7 @@ def _set_link(root: Path, name: str, version: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(obj, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsync_dir(root)
 
 
 @contextlib.contextmanager
@@ -591,9 +572,9 @@ def sync_bundle(
             try:
                 result.files, result.bytes = _fetch(sftp, remote_root, pointer, incoming, max_bytes, progress)
                 result.smoke_answer = _check_installable(incoming, smoke)
-                _fsync_dir(incoming)
+                fsync_dir(incoming)
                 os.rename(incoming, target)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
             except BaseException:
                 shutil.rmtree(incoming, ignore_errors=True)
                 raise
@@ -603,7 +584,7 @@ def sync_bundle(
             _set_link(root, PREVIOUS_LINK, installed)
         _set_link(root, CURRENT_LINK, pointer.version)
         if force and pointer.version in rolled_back_versions(root):
-            _write_json_atomic(
+            write_json_atomic(
                 root / ROLLED_BACK, [v for v in rolled_back_versions(root) if v != pointer.version]
             )
         result.removed = _garbage_collect(root, keep)
@@ -629,9 +610,9 @@ def rollback(local_root: str | os.PathLike) -> str:
             raise SyncError(f"{root}: the previous version {previous} is no longer installed", PREVIOUS_LINK)
         _set_link(root, CURRENT_LINK, previous)
         (root / PREVIOUS_LINK).unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
         if current is not None:
-            _write_json_atomic(root / ROLLED_BACK, sorted(set(rolled_back_versions(root)) | {current}))
+            write_json_atomic(root / ROLLED_BACK, sorted(set(rolled_back_versions(root)) | {current}))
         return previous
 
 
