@@ -100,21 +100,17 @@ def evaluate_bundle(
 
     ``policy``: the bundle's own thresholds.json when None; ``null_thresholds``: per-layer
     SQuAD 2.0 no-answer thresholds replacing the bundle's. Returns F1/EM, average exit layer,
-    the share settled on the edge, and latency per stage (median and p95, tokenisation
-    included in ``question_ms``), with the per-layer median cost.
+    the share settled on the edge, and the model's time per question (embeddings + layers,
+    median and p95; tokenisation not counted), with the per-layer median cost.
     """
     from tqdm.auto import tqdm
-
-    from elma_utils.squad.features import build_features as _build
 
     edge = EdgeModel.load(bundle_dir)
     if null_thresholds is not None:
         edge.null_threshold = list(null_thresholds)
     answers = []
     for e in tqdm(examples, desc=f"edge {Path(bundle_dir).name} v{version}", disable=not progress, unit="q"):
-        t_feats = _build([e], edge.tokenizer, edge.seq_len, int(edge.manifest.get("doc_stride", 128)),
-                         int(edge.manifest.get("max_query_len", 64)), progress=False)  # fmt: skip
-        answers.append(edge.answer_features([e], t_feats, policy=policy)[0])
+        answers.append(edge.answer_features([e], edge.features_for([e]), policy=policy)[0])
     texts = [a.text for a in answers]
     scores = per_question_scores(
         dataset_raw, dict(zip([e.qas_id for e in examples], texts, strict=True)), version

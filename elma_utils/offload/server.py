@@ -264,30 +264,26 @@ class _Handler(socketserver.BaseRequestHandler):
         service: OffloadService = self.server.service  # type: ignore[attr-defined]
         sock: socket.socket = self.request
         reader = LineReader(MAX_MESSAGE_BYTES)
-        self.server.connections += 1  # type: ignore[attr-defined]
-        try:
-            while True:
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                for err in reader.finish():
+                    with contextlib.suppress(OSError):
+                        sock.sendall(encode(error_reply_for(err)))
+                return
+            for item in reader.feed(chunk):
+                reply = (
+                    encode(error_reply_for(item))
+                    if isinstance(item, ProtocolError)
+                    else service.handle_line(item)
+                )
                 try:
-                    chunk = sock.recv(65536)
+                    sock.sendall(reply)
                 except OSError:
                     return
-                if not chunk:
-                    for err in reader.finish():
-                        with contextlib.suppress(OSError):
-                            sock.sendall(encode(error_reply_for(err)))
-                    return
-                for item in reader.feed(chunk):
-                    reply = (
-                        encode(error_reply_for(item))
-                        if isinstance(item, ProtocolError)
-                        else service.handle_line(item)
-                    )
-                    try:
-                        sock.sendall(reply)
-                    except OSError:
-                        return
-        finally:
-            self.server.connections -= 1  # type: ignore[attr-defined]
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -328,7 +324,6 @@ class OffloadServer:
         else:
             self._server = _TCPServer((host, port), _Handler)
         self._server.service = self.service  # type: ignore[attr-defined]
-        self._server.connections = 0  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
     @property
