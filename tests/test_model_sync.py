@@ -482,3 +482,20 @@ def test_cli_sync_from_a_directory_and_rollback(server, tmp_path, capsys):
     assert main(["sync", "--local-root", local, "--from-dir", str(tmp_path / "empty")]) == 2
     assert "LATEST.json" in capsys.readouterr().err
     assert current_version(local) == server["v1"]
+
+
+def test_error_closing_a_dropped_session_does_not_hide_the_sync_error(tmp_path):
+    """After a drop paramiko's SFTP close can raise too; the caller must still see why sync failed."""
+
+    class ClosingFails(LocalTree):
+        def close(self) -> None:
+            raise EOFError("connection already gone")
+
+    class Client:
+        def sftp(self) -> ClosingFails:
+            return ClosingFails(tmp_path / "empty-server")
+
+    (tmp_path / "empty-server").mkdir()
+    with pytest.raises(SyncError, match=LATEST_NAME) as err:
+        sync_with_client(Client(), ".", tmp_path / "edge")
+    assert err.value.file == LATEST_NAME

@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -47,6 +48,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from elma_utils.atomic_files import fsync_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 LATEST_NAME = "LATEST.json"
 LATEST_FORMAT = "elma-edge-latest"
@@ -622,4 +625,16 @@ def sync_with_client(client, remote_root: str, local_root: str | os.PathLike, **
     try:
         return sync_bundle(sftp, remote_root, local_root, **kwargs)
     finally:
+        _close_quietly(sftp)
+
+
+def _close_quietly(sftp: Any) -> None:
+    """Close an SFTP session whose connection may already be gone.
+
+    After a dropped connection paramiko's ``close`` can raise too; letting that escape from
+    a ``finally`` would hide the SyncError that says what really went wrong.
+    """
+    try:
         sftp.close()
+    except Exception as err:  # noqa: BLE001 - the session is being discarded either way
+        log.debug("closing the SFTP session failed: %s: %s", type(err).__name__, err)
