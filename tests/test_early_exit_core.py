@@ -493,6 +493,19 @@ def test_predictor_ignores_questions_that_exited_by_layer_j_and_fills_empty_bins
     assert pred.predict(0.99) == 5 and pred.should_offload_now(0.97)
 
 
+def test_predictor_when_every_question_exits_by_layer_j_never_offloads_early():
+    # a loose threshold: nothing runs past layer 1, so the table has nothing to say
+    # about hopeless questions and must never send one to the server early
+    h = np.array([0.1, 0.4, 0.7, 0.9])
+    pred = EntropyExitPredictor(num_layers=4).fit(h, np.ones(4, dtype=int), bins=4)
+    assert not pred.should_offload_now(np.linspace(0, 1, 11), p_no_exit_threshold=0.01).any()
+    assert set(pred.predict(np.linspace(0, 1, 11)).tolist()) == {1}
+    report = evaluate_predictor(pred, h, np.ones(4, dtype=int), np.ones(4), np.zeros(4))
+    assert report["share_offloaded_early"] == 0.0 and report["f1_change"] == 0.0
+    with pytest.raises(ValueError, match="no questions"):
+        EntropyExitPredictor(num_layers=4).fit(np.array([]), np.array([], dtype=int))
+
+
 def test_predictor_round_trips_through_json():
     h, exits = _synthetic_exits(2000)
     pred = EntropyExitPredictor(num_layers=6, quantile=0.75, threshold=0.25).fit(h, exits, bins=15)

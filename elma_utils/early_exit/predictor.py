@@ -50,13 +50,17 @@ class EntropyExitPredictor:
         """Count exit layers per entropy bin, over the questions still running after layer j.
 
         Questions that exited at or before layer j never consult the table, so they are left
-        out. Quantile bins hold equal numbers of questions; uniform bins split 0..1.
+        out. When none runs past layer j (a threshold so loose that everything exits there) the
+        table is fitted on all of them: it then shows no question without an exit and never
+        advises an early offload, which is right for such a threshold. Quantile bins hold equal
+        numbers of questions; uniform bins split 0..1.
         """
         h, exits = self._checked(entropy_at_j, exit_layer)
+        if h.size == 0:
+            raise ValueError("no questions to fit the predictor on")
         keep = exits > self.layer
-        if not keep.any():
-            raise ValueError(f"every question exits by layer {self.layer}: nothing to learn")
-        h, exits = h[keep], exits[keep]
+        if keep.any():
+            h, exits = h[keep], exits[keep]
         if bins < 1:
             raise ValueError(f"bins must be ≥ 1, got {bins}")
         if self.binning == "quantile":
