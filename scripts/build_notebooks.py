@@ -178,7 +178,7 @@ NB03 = [
     (
         "code",
         "import numpy as np\n\nfrom elma_utils import config, reporting\n"
-        "from elma_utils.early_exit import (EntropyExitPredictor, evaluate_predictor, plot_exit_histogram,\n"
+        "from elma_utils.early_exit import (EntropyExitPredictor, evaluate_predictor, oracle_exit_bound, plot_exit_histogram,\n"
         "                                   plot_f1_vs_exit_layer, plot_f1_vs_latency, sweep_thresholds)\n"
         "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.early_exit.edge_split import choose_edge_depth\n"
         "from elma_utils.early_exit.squad2 import cross_fitted_squad2_exit\nfrom elma_utils.model.finetune import finetune\n"
@@ -245,6 +245,22 @@ NB03 = [
         "reporting.save_figure(plot_exit_histogram(cf['exit_layers'], multi.num_exits), '03_exit_histogram', REPORTS)\n"
         "two_x = [r for r in sweep.rows() if r['speedup'] >= 2.0]\n"
         "at_2x = max(two_x, key=lambda r: r['f1']) if two_x else None\nprint('best F1 at ≥ 2× (modelled from layer costs):', at_2x)",
+    ),
+    (
+        "md",
+        "## How far could any exit policy go? The oracle bound\nAn oracle that knows every layer's F1 for "
+        "every question picks each question's exit layer to save the most time within the same F1 budget. "
+        "No policy (entropy, patience or any other) can beat it, so its speed-up is the ceiling for this "
+        "model; `speedup_upper_bound` is a proven bound (Lagrangian dual), `speedup_achieved` an assignment "
+        "that meets the budget. Costs are the measured layer latencies.",
+    ),
+    (
+        "code",
+        "oracle = {}\nfor mode, s in [*stats_cmp.items(), (f'{best_mode} (all questions)', full)]:\n"
+        "    ref = 100 * float((server_v11 if s is full else server_cmp).mean())\n"
+        "    r = oracle_exit_bound(s['f1'], max_f1_loss, np.array(lat['layer_ms']), lat['embeddings_ms'], reference_f1=ref)\n"
+        "    oracle[mode] = {k: v for k, v in r.items() if k != 'exit_layers'}\n"
+        "{m: (r['reachable'], r.get('avg_exit_layer'), r['speedup_upper_bound']) for m, r in oracle.items()}",
     ),
     (
         "md",
@@ -326,7 +342,8 @@ NB03 = [
     (
         "code",
         "reporting.save_metrics('03_early_exit', {'profile': P.name, 'modes': compare, 'best_mode': best_mode,\n"
-        "    'layer_latency': lat, 'dev_v1_1': summary_v11, 'best_f1_at_2x_modelled': at_2x, 'runtime_speedup': speed,\n"
+        "    'layer_latency': lat, 'dev_v1_1': summary_v11, 'best_f1_at_2x_modelled': at_2x, 'oracle_bound': oracle,\n"
+        "    'runtime_speedup': speed,\n"
         "    'dev_v2_0': summary_v20, 'runtime_speedup_v2': speed_v20, 'edge_split': edge_split,\n"
         "    'entropy_predictor': predictor}, REPORTS)",
     ),

@@ -72,8 +72,10 @@ def test_no_entropy_threshold_beats_the_oracle():
             assert k / (layers.mean() + 1) <= bound + 1e-9
 
 
-def test_a_target_out_of_reach_and_percent_input_are_refused():
-    with pytest.raises(ValueError, match="below the target"):
-        oracle_exit_bound(np.zeros((2, 3)), max_f1_loss=1.0, reference_f1=50.0)
+def test_a_target_out_of_reach_is_reported_and_percent_input_refused():
+    f1 = np.array([[0.0, 0.5, 0.0], [0.25, 0.5, 0.0]])
+    r = oracle_exit_bound(f1, max_f1_loss=1.0, reference_f1=50.0)
+    assert r["reachable"] is False and r["best_f1"] == 25.0 and r["speedup_upper_bound"] is None
+    assert oracle_exit_bound(f1, max_f1_loss=1.0)["reachable"] is True
     with pytest.raises(ValueError, match="0..1"):
         oracle_exit_bound(np.full((2, 3), 80.0))

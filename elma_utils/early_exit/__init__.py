@@ -26,6 +26,7 @@ from elma_utils.early_exit.entropy import (
     settled_no_answer,
     span_entropy,
 )
+from elma_utils.early_exit.oracle import oracle_exit_bound
 from elma_utils.early_exit.policies import (
     NO_SPAN,
     CombinedPolicy,
@@ -63,6 +64,7 @@ __all__ = [
     "layerwise_question_stats",
     "masked_normalised_entropy",
     "no_answer_margin",
+    "oracle_exit_bound",
     "plot_exit_histogram",
     "plot_f1_vs_exit_layer",
     "plot_f1_vs_latency",
