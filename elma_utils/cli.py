@@ -63,7 +63,8 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if args.audio is not None:
         from elma_utils.speech.recognizers import get_recognizer
 
-        recognizer = get_recognizer(args.engine)
+        options = {"lm": args.lm} if args.engine == "whisper" else {}
+        recognizer = get_recognizer(args.engine, **options)
     qa = SpokenQA(recognizer, answerer)
     try:
         if args.audio is not None:
@@ -263,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--audio", type=Path, default=None, help="WAV/FLAC/OGG/MP3 file with the spoken question")
     q.add_argument("--question", default=None, help="typed question (with --audio: the reference for WER)")
     q.add_argument("--engine", default="whisper", choices=["whisper", "sphinx"], help="speech recogniser")
+    q.add_argument(
+        "--lm",
+        default="auto",
+        help="whisper: rescore its n-best list with a question language model: 'auto' (the questions of "
+        "train-v1.1.json in the data directory, when there), 'none', a saved LM (.json.gz) or a SQuAD file",
+    )
     g = a.add_mutually_exclusive_group(required=True)
     g.add_argument("--context", help="the text the question is about")
     g.add_argument("--context-file", type=Path)

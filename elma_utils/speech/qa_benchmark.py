@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Generate the spoken sample, run whisper with and without context and sphinx, write JSON."""
     from elma_utils import config
     from elma_utils.model.inference import QAModel
-    from elma_utils.speech.recognizers import default_whisper_model
+    from elma_utils.speech.recognizers import default_whisper_model, get_recognizer
     from elma_utils.speech.spoken_data import DEFAULT_SPEED, generate_spoken_questions, pick_questions
     from elma_utils.squad.data import load_squad
 
@@ -282,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--audio-dir", type=Path, default=None, help="default: <cache>/spoken/dev-v<version>")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--lm",
+        default="auto",
+        help="whisper n-best rescoring: 'auto' (questions of train-v1.1.json), 'none', or a path",
+    )
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -302,11 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: dict[str, list] = {}
     summaries: dict[str, dict] = {}
     if "whisper" in args.engines:
-        full = spoken_vs_typed_f1(items, qa_model, dataset, args.version, "whisper", True, typed=typed)
+        whisper = get_recognizer("whisper", lm=args.lm)
+        lm_label = (
+            f"n-best rescored with the question LM of {whisper.lm_source}" if whisper.lm else "beam's best"
+        )
+        full = spoken_vs_typed_f1(items, qa_model, dataset, args.version, whisper, True, typed=typed)
         results["whisper_context"] = _without_rows(full)
         rows["whisper_context"] = compact_rows(full["rows"])
         plain = spoken_vs_typed_f1(
-            compare_items, qa_model, dataset, args.version, "whisper", False, typed=typed
+            compare_items, qa_model, dataset, args.version, whisper, False, typed=typed
         )
         results["whisper_no_context_subset"] = _without_rows(plain)
         results["whisper_context_subset"] = subset(full, compare_ids)
@@ -333,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "speed_wpm": args.speed,
             "tts": "espeak-ng",
             "whisper_model": _model_label(default_whisper_model()),
-            "whisper": "faster-whisper int8, 2 threads, beam 5",
+            "whisper": "faster-whisper int8, 2 threads, beam 5"
+            + (f", {lm_label}" if "whisper" in args.engines else ""),
             "machine_before": machine_before,
             "machine_after": _machine(),
             "minutes": round((time.time() - started) / 60, 1),

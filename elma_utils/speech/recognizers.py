@@ -7,7 +7,9 @@ about, when known: ELMA answers questions about a given paragraph, and its names
 exactly the words a recogniser gets wrong.
 
 - ``whisper`` (default): faster-whisper (CTranslate2) on the CPU, int8, 2 threads. With a
-  context, the context is Whisper's initial prompt (see :func:`context_prompt`).
+  context, the context is Whisper's initial prompt (see :func:`context_prompt`). With a
+  question language model (``lm``, default "auto": fitted on SQuAD's training questions when
+  the file is at hand) the beam's n-best list is rescored (:mod:`elma_utils.speech.nbest`).
 - ``sphinx``: CMU pocketsphinx with SpeechRecognition's bundled US English model; free
   dictation, or constrained by a JSGF grammar to a closed set of candidate questions, which
   picks the right one on clean speech where free dictation is poor. A context is accepted
@@ -36,12 +38,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from elma_utils.speech.audio import SAMPLE_RATE, audio_data_to_array, duration_seconds, to_pcm16
 from elma_utils.speech.wer import spoken_variants, word_edit_distance
+
+if TYPE_CHECKING:
+    from elma_utils.speech.question_lm import QuestionLM
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +166,50 @@ def load_whisper_model(model: str, device: str = "cpu", compute_type: str = "int
         ) from exc
 
 
+QuestionLMSpec = "QuestionLM | str | os.PathLike | None"
+LM_AUTO = "auto"
+
+
+def resolve_question_lm(spec: QuestionLMSpec) -> tuple[QuestionLM | None, str | None]:
+    """The question LM for n-best rescoring, and where it came from.
+
+    ``None`` or "none": no LM (the beam's best hypothesis, as faster-whisper gives it).
+    "auto": fitted on the SQuAD training questions in the data directory
+    (``train-v1.1.json``), cached; no LM when that file is absent. A path: a saved LM
+    (``.json.gz``) or a SQuAD-format file whose questions it is fitted on.
+    """
+    from elma_utils.speech.question_lm import QuestionLM, question_lm_for
+
+    if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
+        return None, None
+    if isinstance(spec, QuestionLM):
+        return spec, "given"
+    if isinstance(spec, str) and spec.lower() == LM_AUTO:
+        from elma_utils import config
+
+        train = config.data_dir() / "train-v1.1.json"
+        if not train.is_file():
+            log.info("no %s: transcribing without the question language model", train)
+            return None, None
+        return question_lm_for(train), str(train)
+    path = Path(spec)
+    if not path.is_file():
+        raise RecognitionError(f"{path}: no such question language model or SQuAD file (or use lm=None)")
+    try:
+        if path.name.endswith(".gz"):
+            return QuestionLM.load(path), str(path)
+        return question_lm_for(path), str(path)
+    except (ValueError, KeyError) as err:
+        raise RecognitionError(f"{path}: cannot build a question language model from it: {err}") from err
+
+
 class WhisperRecognizer:
     """faster-whisper with a cached model. Beam search as faster-whisper's default (5);
     timestamps and conditioning on earlier text are off, since a question is one short utterance.
-    A `context` becomes the initial prompt (:func:`context_prompt`)."""
+    A `context` becomes the initial prompt (:func:`context_prompt`). With a question LM
+    (:func:`resolve_question_lm`) an utterance of up to 30 s is decoded to the beam's n-best
+    list and rescored with the LM and the context's words; ``details["beam_best"]`` keeps what
+    the beam alone chose."""
 
     name = "whisper"
 
@@ -177,39 +222,57 @@ class WhisperRecognizer:
         cpu_threads: int = 2,
         language: str | None = "en",
         beam_size: int = 5,
+        lm: QuestionLMSpec = "auto",
+        lm_weight: float | None = None,
+        length_bonus: float | None = None,
     ) -> None:
+        from elma_utils.speech import nbest
+
         self.model_name = str(model) if model is not None else default_whisper_model()
         self.language = language
         self.beam_size = beam_size
+        self.lm, self.lm_source = resolve_question_lm(lm)
+        if self.lm is not None and language not in (None, "en"):
+            raise RecognitionError("the question language model is English: use lm=None for other languages")
+        self.lm_weight = nbest.DEFAULT_LM_WEIGHT if lm_weight is None else float(lm_weight)
+        self.length_bonus = nbest.DEFAULT_LENGTH_BONUS if length_bonus is None else float(length_bonus)
         self.model = load_whisper_model(self.model_name, device, compute_type, cpu_threads)
 
     def transcribe(
         self, audio: np.ndarray, sr: int = SAMPLE_RATE, *, context: str | None = None
     ) -> Transcript:
+        from elma_utils.speech import nbest
+
         y = _as_16k(audio, sr)
         prompt = context_prompt(context)
+        details = {
+            "model": self.model_name,
+            "prompt_chars": len(prompt) if prompt else 0,
+            "lm": self.lm_source,
+        }
         start = time.perf_counter()
-        segments, info = self.model.transcribe(
-            y,
-            language=self.language,
-            beam_size=self.beam_size,
-            without_timestamps=True,
-            condition_on_previous_text=False,
-            vad_filter=False,
-            initial_prompt=prompt,
-        )
-        text = " ".join(s.text.strip() for s in segments).strip()  # the generator does the decoding
+        if self.lm is not None and duration_seconds(y) <= nbest.WINDOW_SECONDS:
+            hyps = nbest.decode_nbest(self.model, y, prompt, self.beam_size)
+            best = nbest.rescore(hyps, self.lm, self.lm_weight, self.length_bonus, context) if hyps else 0
+            text = hyps[best].text if hyps else ""
+            details.update(
+                language="en", rescored=True, lm_changed=best != 0, beam_best=hyps[0].text if hyps else ""
+            )
+        else:
+            segments, info = self.model.transcribe(
+                y,
+                language=self.language,
+                beam_size=self.beam_size,
+                without_timestamps=True,
+                condition_on_previous_text=False,
+                vad_filter=False,
+                initial_prompt=prompt,
+            )
+            text = " ".join(s.text.strip() for s in segments).strip()  # the generator does the decoding
+            details.update(language=info.language, rescored=False)
         seconds = time.perf_counter() - start
         return Transcript(
-            text=text,
-            seconds=seconds,
-            engine=self.name,
-            audio_seconds=duration_seconds(y),
-            details={
-                "language": info.language,
-                "model": self.model_name,
-                "prompt_chars": len(prompt) if prompt else 0,
-            },
+            text=text, seconds=seconds, engine=self.name, audio_seconds=duration_seconds(y), details=details
         )
 
 
