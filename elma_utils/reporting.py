@@ -92,6 +92,21 @@ def load_metrics(path: Path) -> dict:
     return data
 
 
+def earlier_metrics(notebook: str, reports_dir: Path | None = None) -> dict:
+    """The metrics an earlier notebook saved, which a later one builds on.
+
+    Raises FileNotFoundError that names the notebook to run first, rather than letting the
+    later notebook go on with made-up settings.
+    """
+    path = _reports(reports_dir) / "metrics" / f"{_checked_name(notebook, 'notebook', '.json')}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run notebooks/{notebook}.ipynb first, with the same profile "
+            "(bash scripts/run_pipeline.sh PROFILE runs the notebooks in order)"
+        )
+    return load_metrics(path)
+
+
 def load_all_metrics(reports_dir: Path | None = None) -> dict[str, dict]:
     """Every ``metrics/*.json``, keyed by notebook stem, in notebook order."""
     return {path.stem: load_metrics(path) for path in _metrics_files(_reports(reports_dir))}

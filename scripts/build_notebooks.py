@@ -365,8 +365,8 @@ NB04 = [
         "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.export.benchmark import compare_precisions\n"
         "from elma_utils.model.finetune import finetune\n\nP = config.get_profile(profile)\n"
         "REPORTS = config.reports_dir_for(P.name)\nmodel_dir = finetune(P, data_dir=data_dir, verbose=0)\n"
-        "m03 = REPORTS / 'metrics' / '03_early_exit.json'\nprev = json.loads(m03.read_text()) if m03.is_file() else {}\n"
-        "mode = prev.get('best_mode', 'distill')\nE_T = float(sum(prev['dev_v1_1']['thresholds']) / 2) if prev else 0.5\n"
+        "prev = reporting.earlier_metrics('03_early_exit', REPORTS)  # calibrated by notebook 03\n"
+        "mode = prev['best_mode']\nE_T = float(sum(prev['dev_v1_1']['thresholds']) / 2)\n"
         "exits_dir = ee.train_exits_for_profile(model_dir, mode, P, data_dir)\n"
         "multi, tokenizer, cfg, _ = ee.load_exits(exits_dir)\nmode, E_T",
     ),

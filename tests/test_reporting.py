@@ -180,3 +180,12 @@ def test_write_report_without_metrics(tmp_path: Path) -> None:
     assert "No metrics yet" in text
     assert "- profile: `not given`" in text
     assert "## Prediction files\n\n_None._" in text
+
+
+def test_earlier_metrics_names_the_notebook_to_run_first(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"run notebooks/03_early_exit\.ipynb first"):
+        reporting.earlier_metrics("03_early_exit", tmp_path)
+    reporting.save_metrics("03_early_exit", {"best_mode": "distill", "E_T": 0.5}, tmp_path)
+    assert reporting.earlier_metrics("03_early_exit", tmp_path) == {"best_mode": "distill", "E_T": 0.5}
+    with pytest.raises(ValueError, match="bad notebook"):
+        reporting.earlier_metrics("../secrets", tmp_path)
