@@ -15,7 +15,10 @@ NB06 = [
         "# 06 · Speech to answer\n\nA spoken question goes through the recogniser, then the QA model "
         "answers the transcript about the text the user is reading. The recogniser is told that text: "
         "for Whisper (tiny.en, faster-whisper int8, 2 threads) the context is the initial prompt, so the "
-        "paragraph's names become likely words. Here: word error rate per voice, real-time factor, and "
+        "paragraph's names become likely words. Whisper's beam then offers five readings, and a language "
+        "model of how questions are worded (a trigram of SQuAD's *training* questions, mixed with the "
+        "paragraph's words) picks among them: 'what type of' over 'what type on'. "
+        "Here: word error rate per voice, real-time factor, and "
         "how much F1 a spoken question loses against the same question typed (Spoken-SQuAD lost ~19 F1 "
         "at 22.7% WER; the target is at most 5), then a few worked examples. The questions are SQuAD "
         "dev-v1.1 questions spoken by espeak-ng (American and British voices): synthetic speech is "
@@ -35,7 +38,8 @@ NB06 = [
         "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\n"
         "n_questions = 6 if P.name == 'smoke' else 50\nvoices = ['en-us', 'en-gb']\n"
         "model_dir = finetune(P, data_dir=data_dir, verbose=0)  # the full model (trained by notebook 02)\n"
-        "qa = QAModel.load(model_dir)\nwhisper = get_recognizer('whisper')\nmodel_dir",
+        "qa = QAModel.load(model_dir)\nwhisper = get_recognizer('whisper')  # lm='auto': n-best rescored\n"
+        "model_dir, whisper.lm_source",
     ),
     (
         "md",
