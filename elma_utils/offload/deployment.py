@@ -16,7 +16,9 @@ OpenSSH sshd forwarding to it, and connects the edge's persistent tunnel.
 from __future__ import annotations
 
 import getpass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from elma_utils.offload.edge_client import EdgeQA
 from elma_utils.offload.outbox import Outbox
@@ -135,6 +137,23 @@ class LoopbackDeployment:
             self.make_tunnel, payload, lines=lines, new_connection_lines=new_connection_lines
         )
         return {mode: r.as_dict() for mode, r in results.items()}
+
+    def server_throughput(
+        self,
+        questions: Sequence[tuple[str, str]],
+        clients: Sequence[int] = (1, 4, 8),
+        per_client: int = 100,
+        **options: Any,
+    ) -> dict[int, dict]:
+        """Throughput (questions/s) and p50/p95/p99/max round trip (ms) with N devices at once,
+        each on its own SSH connection; ``options`` (warmup, deadline_ms, on_reply, ...) go to
+        :func:`~elma_utils.offload.throughput.measure_server_throughput`. The asks are stored."""
+        from elma_utils.offload.throughput import measure_server_throughput
+
+        results = measure_server_throughput(
+            self.make_tunnel, questions, clients, per_client=per_client, **options
+        )
+        return {n: r.as_dict() for n, r in results.items()}
 
     def close(self) -> None:
         for part in (self.tunnel, self.endpoint):

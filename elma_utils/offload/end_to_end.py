@@ -1,0 +1,139 @@
+"""A dev set asked through the whole system: edge early exit, SSH offload, server answer.
+
+What the user of ELMA cares about is the system's answer, not the edge model's or the
+server's alone. This module asks every question through an ``EdgeQA`` (usually a
+``LoopbackDeployment``'s), scores the answers with the official metric, and sets them beside
+the full model alone on the same questions:
+
+    results = ask_all(dep.edge, examples)
+    summary = end_to_end_summary(examples, results, ds.raw, reference=full_model_answers(qa, examples))
+    write_end_to_end_predictions(out_dir, "1.1", examples, results)
+
+The predictions file is in the official format; its side file says where each answer came
+from (``edge`` with the exit layer, ``server``, or ``edge-fallback``) and what it cost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from elma_utils.offload.edge_client import SOURCES, EdgeQA, EdgeQAResult
+from elma_utils.squad.metrics import per_question_scores
+
+PREDICTIONS_NAME = "end-to-end-predictions-dev-v{version}.json"
+SOURCES_NAME = "end-to-end-sources-dev-v{version}.json"
+# issue 5's targets for the whole system on dev-v1.1
+MIN_EDGE_SHARE = 0.60
+MAX_F1_LOSS = 0.5
+
+
+def ask_all(edge_qa: EdgeQA, examples: Sequence[Any], progress: bool = True) -> list[EdgeQAResult]:
+    """Every example's question through ``edge_qa``, one at a time, as a device asks them."""
+    from tqdm.auto import tqdm
+
+    return [
+        edge_qa.answer(e.question, e.context)
+        for e in tqdm(examples, desc="edge + server", unit="q", disable=not progress)
+    ]
+
+
+def full_model_answers(qa_model, examples: Sequence[Any], batch_size: int = 64) -> dict[str, str]:
+    """The full (server) model alone on the same questions: ``QAModel.predict``, batched."""
+    answers = qa_model.predict([(e.question, e.context) for e in examples], batch_size=batch_size)
+    return {e.qas_id: ("" if a.no_answer else a.text) for e, a in zip(examples, answers, strict=True)}
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def end_to_end_summary(
+    examples: Sequence[Any],
+    results: Sequence[EdgeQAResult],
+    dataset_raw: Mapping[str, Any],
+    version: str = "1.1",
+    reference: Mapping[str, str] | None = None,
+    wire_bytes: int | None = None,
+) -> dict[str, Any]:
+    """F1/EM of the system, where answers came from, what they cost, and (with ``reference``,
+    the full model's answers) how far the system is from the full model alone."""
+    if len(examples) != len(results):
+        raise ValueError(f"{len(examples)} examples but {len(results)} results")
+    ids = [e.qas_id for e in examples]
+    scores = per_question_scores(dataset_raw, {q: r.text for q, r in zip(ids, results, strict=True)}, version)
+    f1 = np.array([scores[q][1] for q in ids])
+    em = np.array([scores[q][0] for q in ids])
+    source = np.array([r.source for r in results])
+    n_server = int(np.sum(source == "server"))
+    out: dict[str, Any] = {
+        "questions": len(examples),
+        "f1": float(100 * f1.mean()),
+        "exact": float(100 * em.mean()),
+        "share": {s: float(np.mean(source == s)) for s in SOURCES},
+        "f1_by_source": {
+            s: float(100 * f1[source == s].mean()) if (source == s).any() else None for s in SOURCES
+        },
+        "edge_exit_layers": {
+            int(k): int(v)
+            for k, v in zip(*np.unique([r.exit_layer for r in results], return_counts=True), strict=True)
+        },
+        "edge_ms": {
+            "p50": _pct([r.edge_ms for r in results], 50),
+            "p95": _pct([r.edge_ms for r in results], 95),
+        },
+        "offload_ms": {
+            "p50": _pct([r.offload_ms for r in results if r.source == "server"], 50),
+            "p95": _pct([r.offload_ms for r in results if r.source == "server"], 95),
+        },
+        "server_ms_p50": _pct([r.server_ms for r in results if r.source == "server"], 50),
+        "question_ms": {
+            "mean": float(np.mean([r.total_ms for r in results])),
+            "p50": _pct([r.total_ms for r in results], 50),
+            "p95": _pct([r.total_ms for r in results], 95),
+        },
+    }
+    if wire_bytes is not None:
+        out["wire_bytes_per_offload"] = wire_bytes / n_server if n_server else None
+    if reference is not None:
+        ref = per_question_scores(dataset_raw, {q: reference[q] for q in ids}, version)
+        ref_f1 = float(100 * np.mean([ref[q][1] for q in ids]))
+        out["full_model_f1"] = ref_f1
+        out["full_model_exact"] = float(100 * np.mean([ref[q][0] for q in ids]))
+        out["f1_minus_full_model"] = out["f1"] - ref_f1
+        out["targets"] = {"min_edge_share": MIN_EDGE_SHARE, "max_f1_loss": MAX_F1_LOSS}
+        out["targets_met"] = {
+            "edge_share": out["share"]["edge"] >= MIN_EDGE_SHARE,
+            "f1_within": ref_f1 - out["f1"] <= MAX_F1_LOSS,
+        }
+    return out
+
+
+def write_end_to_end_predictions(
+    out_dir: str | Path, version: str, examples: Sequence[Any], results: Sequence[EdgeQAResult]
+) -> dict[str, Path]:
+    """Official-format predictions and, per question, where the answer came from."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = {e.qas_id: r.text for e, r in zip(examples, results, strict=True)}
+    sources = {
+        e.qas_id: {
+            "source": r.source,
+            "edge_layers": r.exit_layer,  # the layer the edge exited at, or its last one when offloaded
+            "edge_ms": round(r.edge_ms, 3),
+            "offload_ms": round(r.offload_ms, 3),
+            **({"error": r.error} if r.error else {}),
+        }
+        for e, r in zip(examples, results, strict=True)
+    }
+    paths = {
+        "predictions": out / PREDICTIONS_NAME.format(version=version),
+        "sources": out / SOURCES_NAME.format(version=version),
+    }
+    paths["predictions"].write_text(json.dumps(predictions, ensure_ascii=False, indent=0))
+    paths["sources"].write_text(json.dumps(sources, indent=0))
+    return paths
