@@ -53,22 +53,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from elma_utils.speech.spoken_qa import SpokenQA, resolve_context
 
-    if args.audio is None and args.question is None:
-        raise ValueError("give the question as --audio FILE or --question TEXT")
+    if args.mic and args.audio is not None:
+        raise ValueError("give the spoken question either as --audio FILE or from --mic, not both")
+    if args.audio is None and args.question is None and not args.mic:
+        raise ValueError("give the question as --audio FILE, --mic or --question TEXT")
     if (args.model is None) == (args.bundle is None):
         raise ValueError("answer with exactly one of --model DIR (full model) and --bundle DIR (edge model)")
     context, squad_question = resolve_context(args.context, args.context_file, args.squad_id, args.data_dir)
+    spoken = args.audio
+    if args.mic:  # fails with a message naming what is missing (PyAudio, a device) before any model loads
+        from elma_utils.speech.audio import capture_microphone
+
+        spoken = capture_microphone(timeout=args.mic_timeout)
     answerer = _answerer(args)
     recognizer = None
-    if args.audio is not None:
+    if spoken is not None:
         from elma_utils.speech.recognizers import get_recognizer
 
         options = {"lm": args.lm} if args.engine == "whisper" else {}
         recognizer = get_recognizer(args.engine, **options)
     qa = SpokenQA(recognizer, answerer)
     try:
-        if args.audio is not None:
-            r = qa.ask(args.audio, context, reference=args.question or squad_question)
+        if spoken is not None:
+            r = qa.ask(spoken, context, reference=args.question or squad_question)
         else:
             r = qa.ask_typed(args.question, context)
     finally:
@@ -78,7 +85,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0
-    if args.audio is not None:
+    if spoken is not None:
         print(f"heard:  {r.transcript}")
     print(f"answer: {r.answer if r.answer else '(no answer)'}")
     print(f"from:   {r.where}")
@@ -262,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer a spoken (--audio) or typed (--question) question about a text")
     q = a.add_argument_group("the question")
     q.add_argument("--audio", type=Path, default=None, help="WAV/FLAC/OGG/MP3 file with the spoken question")
+    q.add_argument(
+        "--mic", action="store_true", help="record the spoken question from the microphone (needs PyAudio)"
+    )
+    q.add_argument(
+        "--mic-timeout", type=float, default=5.0, help="--mic: seconds to wait for speech to start"
+    )
     q.add_argument("--question", default=None, help="typed question (with --audio: the reference for WER)")
     q.add_argument("--engine", default="whisper", choices=["whisper", "sphinx"], help="speech recogniser")
     q.add_argument(

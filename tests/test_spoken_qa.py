@@ -265,4 +265,19 @@ def test_elma_ask_spoken_and_typed(wav, model_dir, settling_bundle, capsys, tmp_
     assert "from:   edge layer 1 of 2" in out and "answer: " in out and "heard:" not in out
 
     assert main(["ask", "--context", CONTEXT, "--model", str(model_dir)]) == 2  # no question at all
-    assert "--audio FILE or --question TEXT" in capsys.readouterr().err
+    assert "--audio FILE, --mic or --question TEXT" in capsys.readouterr().err
+
+
+def test_elma_ask_from_a_missing_microphone_says_what_to_do(wav, model_dir, capsys):
+    """No microphone on this machine (or no PyAudio): a clear error naming the fix, exit status 2,
+    before any model is loaded; --mic with --audio is refused."""
+    from elma_utils.cli import main
+
+    assert (
+        main(["ask", "--mic", "--mic-timeout", "0.5", "--context", CONTEXT, "--model", str(model_dir)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("elma ask: error: ") and "--audio FILE" in err
+    assert "PyAudio" in err or "no usable microphone" in err or "no speech" in err
+    assert main(["ask", "--mic", "--audio", str(wav), "--context", CONTEXT, "--model", str(model_dir)]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -283,7 +283,9 @@ def measure_question(q: BenchQuestion, runner: Callable[[str, str], _Outcome], r
     text = q.question
     if q.audio is not None:
         a0 = time.perf_counter()
-        heard = text = recognizer.transcribe(q.audio, SAMPLE_RATE, context=q.context).text  # as `elma ask` does
+        heard = text = recognizer.transcribe(
+            q.audio, SAMPLE_RATE, context=q.context
+        ).text  # as `elma ask` does
         stages["asr"] = _ms_since(a0)
     out = runner(text, q.context) if text.strip() else None
     e2e = _ms_since(t0)
