@@ -470,10 +470,11 @@ NB05 = [
     ("code", "precision = 'int8'\nthresholds = [0.2, 0.4, 0.5, 0.6, 0.7, 0.9]\nsystem_max_f1_loss = 0.5"),
     (
         "code",
-        "import matplotlib.pyplot as plt\nimport numpy as np\n\nfrom elma_utils import config, reporting\n"
+        "from dataclasses import asdict\n\nimport matplotlib.pyplot as plt\nimport numpy as np\n\nfrom elma_utils import config, reporting\n"
         "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.early_exit.policies import EntropyPolicy\n"
         "from elma_utils.model.finetune import finetune\nfrom elma_utils.offload.deployment import LoopbackDeployment\n"
-        "from elma_utils.offload.end_to_end import ask_all, end_to_end_summary, full_model_answers, write_end_to_end_predictions\n"
+        "from elma_utils.early_exit.edge_split import evaluate_edge_depth\nfrom elma_utils.early_exit.squad2 import held_out_folds\n"
+        "from elma_utils.offload.end_to_end import ask_held_out, end_to_end_summary, full_model_answers, write_end_to_end_predictions\n"
         "from elma_utils.offload.throughput import format_throughput\n"
         "from elma_utils.squad.metrics import per_question_scores\n\n"
         "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nmodel_dir = finetune(P, data_dir=data_dir, verbose=0)\n"
@@ -483,41 +484,42 @@ NB05 = [
     (
         "md",
         "## E_T for the whole system\nThe bundle's E_T (notebook 03) keeps the *edge alone* within 1 F1 of "
-        "the full model. Here unsettled questions go to the server, and the system's target is tighter "
-        "(within `system_max_f1_loss`), so E_T is chosen again for that target with offloading counted "
-        "(an unsettled question scores the full model's F1), cross-fitted over article halves on the edge "
-        "model's per-layer dev statistics (cached by notebook 03).",
+        "the full model. Here an unsettled question goes to the server and gets the full model's answer, and "
+        "the system's target is tighter (`system_max_f1_loss`), so E_T is chosen again with offloading in the "
+        "sweep (`edge_split.evaluate_edge_depth` with every layer kept; an offload costs the full model on this "
+        "machine plus 1 ms), on one half of the dev articles, and applied to the other half, and vice versa. "
+        "The statistics are the float32 exits of notebook 03 (cached); the device runs the int8 bundle.",
     ),
     (
         "code",
-        "mode = reporting.earlier_metrics('03_early_exit', REPORTS)['best_mode']\n"
-        "n_cal = P.eval_examples  # the questions notebook 03 calibrated on\n"
-        "ds_cal, ex_cal = ee.dev_questions('1.1', n_cal, data_dir)\n"
-        "edge_stats = ee.layerwise_dev_stats(ee.train_exits_for_profile(model_dir, mode, P, data_dir), '1.1', n_cal, data_dir=data_dir)\n"
-        "server_f1 = ee.layerwise_dev_stats(ee.train_exits_for_profile(model_dir, 'distill', P, data_dir), '1.1', n_cal,\n"
+        "prev = reporting.earlier_metrics('03_early_exit', REPORTS)\nmode, lat = prev['best_mode'], prev['layer_latency']\n"
+        "ds, examples = ee.dev_questions('1.1', P.eval_examples, data_dir)  # the questions notebook 03 calibrated on\n"
+        "titles = [e.title for e in examples]\n"
+        "edge_stats = ee.layerwise_dev_stats(ee.train_exits_for_profile(model_dir, mode, P, data_dir), '1.1', P.eval_examples, data_dir=data_dir)\n"
+        "server_f1 = ee.layerwise_dev_stats(ee.train_exits_for_profile(model_dir, 'distill', P, data_dir), '1.1', P.eval_examples,\n"
         "                                   data_dir=data_dir)['f1'][-1]  # frozen backbone: its last exit is the full model\n"
-        "system_cal = ee.cross_fitted_exit(edge_stats, [e.title for e in ex_cal], system_max_f1_loss, reference_f1=server_f1)\n"
-        "E_T_system = float(np.mean(system_cal['thresholds']))\n"
-        "system_cal = {k: v for k, v in system_cal.items() if k not in ('exit_layers', 'threshold_per_question')}\n"
-        "mode, E_T_system, {k: system_cal[k] for k in ('f1', 'f1_loss', 'share_not_settled', 'avg_exit_layer')}",
+        "full_ms = lat['embeddings_ms'] + sum(lat['layer_ms'])\n"
+        "system_cal = evaluate_edge_depth(len(lat['layer_ms']), edge_stats['f1'], edge_stats['entropy'], server_f1, titles,\n"
+        "                                 np.array(lat['layer_ms']), lat['embeddings_ms'], full_ms + 1.0, full_ms, system_max_f1_loss)\n"
+        "mode, system_cal",
     ),
     (
         "md",
-        "## The dev set through edge + server\nEvery dev-v1.1 question (the `cpu` profile; a few in `smoke`) asked "
-        "as a device asks it: the bundle's calibrated E_T, and questions no edge layer settles go to the server "
-        "over ELMA's SSH endpoint. The same questions through the full model alone are the reference (target: "
-        "≥ 60 % answered on the edge with F1 within 0.5 of the full model). The answers are written in the "
-        "official format, with where each came from.",
+        "## The dev set through edge + server\nEvery dev-v1.1 question (the `cpu` profile; the profile's sample in "
+        "`smoke`) asked as a device asks it, each article half with the E_T tuned on the other half; questions no "
+        "edge layer settles go to the server over ELMA's SSH endpoint. The same questions through the full model "
+        "alone are the reference (target: ≥ 60 % answered on the edge with F1 within 0.5 of the full model). The "
+        "answers are written in the official format, with where each came from.",
     ),
     (
         "code",
-        "n = P.eval_examples if P.name != 'smoke' else 16\nds, examples = ee.dev_questions('1.1', n, data_dir)\n"
         "dep = LoopbackDeployment(model_dir, bundle, work, way_in='endpoint', device_id='notebook-05').start()\n"
-        "dep.edge.edge.policy = EntropyPolicy(E_T_system)\n"
-        "results = ask_all(dep.edge, examples)\n"
+        "wire0 = dep.tunnel.stats.wire_bytes_sent + dep.tunnel.stats.wire_bytes_received\n"
+        "results = ask_held_out(dep.edge, examples, system_cal.thresholds, held_out_folds(titles))\n"
+        "wire = dep.tunnel.stats.wire_bytes_sent + dep.tunnel.stats.wire_bytes_received - wire0\n"
         "reference = full_model_answers(dep.server.service.answerer.qa, examples)  # the full model alone\n"
-        "wire = dep.tunnel.stats.wire_bytes_sent + dep.tunnel.stats.wire_bytes_received\n"
-        "end_to_end = end_to_end_summary(examples, results, ds.raw, '1.1', reference=reference, wire_bytes=wire)\n"
+        "end_to_end = end_to_end_summary(examples, results, ds.raw, '1.1', reference=reference, wire_bytes=wire,\n"
+        "                                 max_f1_loss=system_max_f1_loss)\n"
         "end_to_end['files'] = {k: str(v) for k, v in write_end_to_end_predictions(REPORTS / 'predictions', '1.1', examples, results).items()}\n"
         "{k: end_to_end[k] for k in ('questions', 'f1', 'full_model_f1', 'share', 'targets_met')}",
     ),
@@ -575,7 +577,7 @@ NB05 = [
         "overhead = {w: v['ssh_persistent']['p50_ms'] - v['plain_tcp']['p50_ms'] for w, v in rtt.items()}\n"
         "print('persistent SSH minus plain TCP (ms, p50):', overhead)\n"
         "reporting.save_metrics('05_encrypted_offload', {'profile': P.name, 'precision': precision, 'end_to_end': end_to_end,\n"
-        "    'system_calibration': {'mode': mode, 'E_T': E_T_system, 'max_f1_loss': system_max_f1_loss, **system_cal},\n"
+        "    'system_calibration': {'mode': mode, 'max_f1_loss': system_max_f1_loss, **asdict(system_cal)},\n"
         "    'threshold_curve': curve, 'round_trips': rtt, 'ssh_overhead_ms_p50': overhead, 'throughput': throughput,\n"
         "    'store': {'offloads': store_stats.offloads, 'questions': store_stats.questions}}, REPORTS)",
     ),

@@ -14,6 +14,7 @@ from elma_utils.model.inference import QAModel
 from elma_utils.offload.deployment import LoopbackDeployment
 from elma_utils.offload.end_to_end import (
     ask_all,
+    ask_held_out,
     end_to_end_summary,
     full_model_answers,
     write_end_to_end_predictions,
@@ -59,7 +60,9 @@ def test_whole_system_on_dev_questions(tmp_path, minilm_tokenizer, dev_v11):
     assert summary["f1"] == pytest.approx(weighted)
     assert summary["f1_minus_full_model"] == pytest.approx(summary["f1"] - summary["full_model_f1"])
     assert summary["wire_bytes_per_offload"] == pytest.approx(wire / np.sum(source == "server"))
-    assert sum(summary["edge_exit_layers"].values()) == 24
+    assert sum(summary["settled_on_edge_at_layer"].values()) == int(np.sum(source == "edge"))
+    assert summary["targets"] == {"min_edge_share": 0.6, "max_f1_loss": 0.5}
+    assert summary["targets_met"]["f1_within"] == (summary["full_model_f1"] - summary["f1"] <= 0.5)
 
     paths = write_end_to_end_predictions(tmp_path / "out", "1.1", examples, results)
     written = json.loads(paths["predictions"].read_text())
@@ -70,6 +73,31 @@ def test_whole_system_on_dev_questions(tmp_path, minilm_tokenizer, dev_v11):
     assert all(
         sources[e.qas_id]["edge_layers"] == r.exit_layer for e, r in zip(examples, results, strict=True)
     )
+
+
+def test_held_out_folds_use_their_own_threshold_and_a_dead_server_means_fallbacks(
+    tmp_path, minilm_tokenizer, dev_v11
+):
+    """Fold 0 may never exit (E_T -1: every question offloaded), fold 1 always exits (E_T 2):
+    each question follows its own fold's E_T; then, with the server gone, offloads fall back."""
+    examples = dev_v11.examples[:12]
+    folds = [np.arange(12) % 2 == 0, np.arange(12) % 2 == 1]
+    model = save_tiny_artifact(tmp_path / "model", minilm_tokenizer)
+    bundle = write_tiny_bundle(tmp_path / "bundle", minilm_tokenizer, 0.5)
+    with LoopbackDeployment(model, bundle, tmp_path / "work", way_in="endpoint") as dep:
+        own = dep.edge.edge.policy
+        results = ask_held_out(dep.edge, examples, [-1.0, 2.0], folds, progress=False)
+        assert dep.edge.edge.policy is own  # put back
+        with pytest.raises(ValueError, match="exactly once"):
+            ask_held_out(dep.edge, examples, [0.5, 0.5], [folds[0], folds[0]], progress=False)
+        dep.server.close()
+        dead = ask_all(dep.edge, examples[:4], progress=False)
+    assert [r.source for r in results] == ["server", "edge"] * 6
+    assert all(r.exit_layer == 1 for r in results[1::2])  # E_T 2 settles every question at layer 1
+    summary = end_to_end_summary(examples[:4], dead, dev_v11.raw, wire_bytes=1000)
+    assert [r.source for r in dead] == ["edge-fallback"] * 4 and all(r.error for r in dead)
+    assert summary["share"]["edge-fallback"] == 1.0 and summary["wire_bytes_per_offload"] is None
+    assert "targets_met" not in summary  # no reference given: no claim about the targets
 
 
 def test_a_summary_needs_one_result_per_question(dev_v11):

@@ -9,8 +9,9 @@ every question, the exit layer, whether the edge settled it, and the E_T that ap
     preds, layers = exit_predictions(examples, stats, cf["exit_layers"], cf["threshold_per_question"])
     write_exit_predictions(out_dir, "1.1", preds, layers)
 
-Scoring the written file with the official metric gives the calibration's own F1 (tested), so
-the committed predictions are the numbers in the report, not a re-run.
+Scored per predicted question, the written file gives the calibration's own F1 (tested; over a
+whole dev set that is the official score), so the committed predictions are the numbers in
+the report, not a re-run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from elma_utils.atomic_files import write_json_atomic
 from elma_utils.early_exit.policies import NO_SPAN
 
 PREDICTIONS_NAME = "early-exit-predictions-dev-v{version}.json"
@@ -90,8 +92,8 @@ def write_exit_predictions(
         "predictions": out / PREDICTIONS_NAME.format(version=version),
         "exit_layers": out / LAYERS_NAME.format(version=version),
     }
-    paths["predictions"].write_text(json.dumps(predictions, ensure_ascii=False, indent=0))
-    paths["exit_layers"].write_text(json.dumps(details, indent=0))
+    write_json_atomic(paths["predictions"], predictions)
+    write_json_atomic(paths["exit_layers"], details)
     return paths
 
 

@@ -254,10 +254,10 @@ def measure_server_throughput(
 
     ``make_tunnel`` builds a new, unconnected client (one SSH connection per simulated
     device); ``questions`` are (question, context) pairs, client ``k`` of ``N`` starting at
-    ``k * len(questions) // N``. Each client first sends ``warmup`` untimed requests
+    ``k * (len(questions) // N)``. Each client first sends ``warmup`` untimed requests
     (connection, channel and server warm), then ``per_client`` timed ones. ``on_reply`` is
-    called with every matched answer (from the client threads, outside the timed part), e.g.
-    to check the answers.
+    called with every matched answer from the client threads, after that round trip's own
+    time is taken but within the run (keep it cheap: it delays the client's next request).
     """
     if not questions:
         raise ValueError("questions must not be empty")
