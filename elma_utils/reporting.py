@@ -132,6 +132,9 @@ def write_report(reports_dir: Path | None = None, profile: str | None = None) ->
         except (OSError, ValueError) as exc:
             lines += [f"_Could not read `{_rel(path, root)}`: {exc}_"]
         else:
+            findings = metrics.get("findings")
+            if isinstance(findings, list) and findings:  # sentences a notebook or benchmark concluded
+                lines += [f"- {_md_cell(str(t))}" for t in findings] + [""]
             lines += _metrics_table(metrics, _rel(path, root))
         lines += _figure_lines(figures, root)
     others = [p for p in _all_figures(root) if p not in shown_figures]

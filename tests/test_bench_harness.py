@@ -13,6 +13,7 @@ import pytest
 from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 
 from elma_utils.bench.harness import (
+    PRIOR_ENERGY,
     dev_questions,
     format_table,
     local_offload_server,
@@ -103,6 +104,18 @@ def test_result_structure_machine_and_energy_source(result, questions):
     assert result["tunnel"]["connects"] == 1 and result["tunnel"]["reconnects"] == 0  # one persistent link
     assert result["link_round_trip"]["ssh_persistent"]["lines"] == 50
     assert result["link_round_trip"]["plain_tcp"]["p50_ms"] > 0
+
+
+def test_findings_state_the_early_exit_comparison_in_words(result):
+    c = _bundle(result)["comparison"]
+    [line, prior] = result["findings"]
+    assert line.startswith("float32: early exit") and prior == PRIOR_ENERGY
+    assert f"edge layers computed x{c['layers_computed_ratio']:.2f}" in line
+    assert f"end to end x{c['end_to_end_mean_ratio']:.2f}" in line
+    # no joules on this machine: the sentence says so and names the stand-in
+    assert "no energy counter here" in line
+    assert f"CPU-seconds per question stand in: x{c['cpu_seconds_per_question_ratio']:.2f}" in line
+    assert "ASR is " in line  # two of the questions are spoken
 
 
 def test_stages_add_up_to_end_to_end(result):

@@ -189,3 +189,15 @@ def test_earlier_metrics_names_the_notebook_to_run_first(tmp_path):
     assert reporting.earlier_metrics("03_early_exit", tmp_path) == {"best_mode": "distill", "E_T": 0.5}
     with pytest.raises(ValueError, match="bad notebook"):
         reporting.earlier_metrics("../secrets", tmp_path)
+
+
+def test_findings_are_written_as_sentences_above_the_table(tmp_path: Path) -> None:
+    save_metrics(
+        "04_device_benchmark",
+        {"findings": ["int8: edge time x0.89.", "Prior numbers: 16 % less energy."], "e_t": 0.61},
+        reports_dir=tmp_path,
+    )
+    text = write_report(tmp_path).read_text()
+    section = text[text.index("## 04_device_benchmark") :]
+    assert section.index("- int8: edge time x0.89.") < section.index("| e_t | 0.61 |")
+    assert "- Prior numbers: 16 % less energy." in section
