@@ -23,13 +23,23 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step (temp file + fsync + rename + dir fsync)."""
+NEW_FILE_MODE = 0o644  # mkstemp makes 0600 files; these are reports and manifests, not secrets
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` in one step (temp file + fsync + rename + dir fsync).
+
+    The result keeps the replaced file's permissions, or gets ``mode`` (default 0644) when
+    there was none, so an atomic write reads like a plain one to other users and tools.
+    """
     path = Path(path)
+    if mode is None:
+        mode = path.stat().st_mode & 0o777 if path.exists() else NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
+            os.fchmod(out.fileno(), mode)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -39,5 +49,6 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, json.dumps(obj, indent=2).encode("utf-8"))
+def write_json_atomic(path: str | os.PathLike, obj: Any, mode: int | None = None) -> None:
+    """``write_bytes_atomic`` of ``obj`` as indented UTF-8 JSON."""
+    write_bytes_atomic(path, json.dumps(obj, indent=2).encode("utf-8"), mode)

@@ -53,9 +53,26 @@ def save_metrics(notebook: str, metrics: Mapping[str, Any], reports_dir: Path | 
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics for {name} must be a dict, not {type(metrics).__name__}")
     path = _reports(reports_dir) / METRICS_DIR / f"{name}.json"
-    text = json.dumps(to_jsonable(metrics), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    portable = project_relative(to_jsonable(metrics))
+    text = json.dumps(portable, indent=2, sort_keys=True, allow_nan=False) + "\n"
     _atomic_write_text(path, text)
     return path
+
+
+def project_relative(value: Any, root: Path | None = None) -> Any:
+    """``value`` with every string path inside the project written relative to its root.
+
+    Metrics files are committed: ``reports/predictions/x.json`` means the same on every
+    clone, ``/home/someone/elma/reports/predictions/x.json`` only on the machine that ran it.
+    """
+    prefix = str(root or config.PROJECT_ROOT).rstrip("/") + "/"
+    if isinstance(value, dict):
+        return {k: project_relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [project_relative(v, root) for v in value]
+    if isinstance(value, str) and value.startswith(prefix):
+        return value[len(prefix) :]
+    return value
 
 
 def save_figure(fig: Any, name: str, reports_dir: Path | None = None) -> Path:

@@ -24,3 +24,15 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         write_bytes_atomic(target, "not bytes")  # fails inside the write, after the temp file exists
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pointer"]
+
+
+def test_new_files_are_readable_and_replaced_files_keep_their_mode(tmp_path):
+    fresh = tmp_path / "predictions.json"
+    write_json_atomic(fresh, {"q": "a"})
+    assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+    private = tmp_path / "private.json"
+    write_json_atomic(private, {"v": 1}, mode=0o600)
+    write_json_atomic(private, {"v": 2})
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert json.loads(private.read_text()) == {"v": 2}

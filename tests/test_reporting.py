@@ -58,6 +58,23 @@ def test_save_metrics_converts_numpy_sorts_keys_and_leaves_no_temp_files(tmp_pat
     assert json.loads(path.read_text()) == {"f1": 1.0}
 
 
+def test_paths_inside_the_project_are_stored_relative_to_it(tmp_path: Path) -> None:
+    from elma_utils.config import PROJECT_ROOT
+
+    inside = PROJECT_ROOT / "reports" / "predictions" / "end-to-end-predictions-dev-v1.1.json"
+    path = save_metrics(
+        "05_demo",
+        {"files": {"predictions": str(inside), "bundle": inside.parent}, "elsewhere": ["/usr/bin/ssh"]},
+        tmp_path,
+    )
+    stored = json.loads(path.read_text())
+    assert stored["files"] == {
+        "predictions": "reports/predictions/end-to-end-predictions-dev-v1.1.json",
+        "bundle": "reports/predictions",
+    }
+    assert stored["elsewhere"] == ["/usr/bin/ssh"]  # outside the project: left as it is
+
+
 @pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "x y"])
 def test_bad_notebook_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="bad notebook"):
