@@ -14,6 +14,7 @@ from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 
 from elma_utils.bench.harness import (
     PRIOR_ENERGY,
+    default_figure_name,
     dev_questions,
     format_table,
     local_offload_server,
@@ -295,3 +296,8 @@ def test_notebook_cells_are_well_formed(module, name):
         assert any("environment_report(" in text for _, text, *_ in cells)
     else:
         assert any("save_metrics('04_device_benchmark'" in text for _, text, *_ in cells)
+
+
+def test_default_figure_names_follow_the_report_sections():
+    assert default_figure_name("04_device_benchmark") == "04_stage_latency"
+    assert default_figure_name("bench_pipeline") == "bench_pipeline_stage_latency"

@@ -309,3 +309,32 @@ def test_benchmark_with_contexts(tmp_path):
     rows = transcribe_manifest(manifest, sphinx, progress=False, contexts={"a": "Paris is in France."})
     assert rows[0]["context"] is True and rows[0]["error"] is None
     assert transcribe_manifest(manifest, sphinx, progress=False)[0]["context"] is False
+
+
+def test_same_transcripts_as_speech_recognitions_own_recognizers(whisper):
+    """ELMA keeps one model per engine loaded instead of SpeechRecognition's load-per-call
+    wrappers; on the same audio both must hear the same words."""
+    import speech_recognition as sr
+
+    from elma_utils.speech.recognizers import default_whisper_model
+
+    ours_whisper = WhisperRecognizer(lm=None)  # plain beam search, as SpeechRecognition decodes
+    ours_sphinx = SphinxRecognizer()
+    theirs = sr.Recognizer()
+    try:
+        for question in QUESTIONS[:2]:
+            audio = spoken(question)
+            audio_data = array_to_audio_data(audio, 16000)
+            whisper_text = theirs.recognize_faster_whisper(
+                audio_data,
+                model=default_whisper_model(),
+                language="en",
+                beam_size=5,
+                init_options={"compute_type": "int8", "cpu_threads": 2},
+                without_timestamps=True,
+                condition_on_previous_text=False,
+            )
+            assert ours_whisper.transcribe(audio).text == whisper_text.strip()
+            assert ours_sphinx.transcribe(audio).text == theirs.recognize_sphinx(audio_data)
+    finally:
+        ours_sphinx.close()

@@ -815,7 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None, help="LiteRT threads (default: its own)")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", default=None, help="save reports/metrics/<OUT>.json (e.g. bench_pipeline)")
-    p.add_argument("--figure", default=None, help="figure name (default: <OUT's number>_stage_latency)")
+    p.add_argument(
+        "--figure", default=None, help="figure name (default: <OUT's notebook number, or OUT>_stage_latency)"
+    )
     p.add_argument("--reports-dir", type=Path, default=None)
     p.add_argument("--no-samples", action="store_true", help="do not keep the per-run rows at all")
     return p
@@ -842,10 +844,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_pipeline_benchmark(args.bundle, questions, link=link, **kwargs)
     print(format_table(result))
     if args.out:
-        figure = args.figure or f"{args.out.split('_')[0]}_stage_latency"
+        figure = args.figure or default_figure_name(args.out)
         for path in save_result(result, args.out, figure, args.reports_dir):
             print(path)
     return 0
+
+
+def default_figure_name(out: str) -> str:
+    """``04_device_benchmark`` -> ``04_stage_latency`` (shown in notebook 04's report section);
+    ``bench_pipeline`` -> ``bench_pipeline_stage_latency`` (one figure per benchmark name)."""
+    head = out.split("_")[0]
+    return f"{head if head.isdigit() else out}_stage_latency"
 
 
 def save_result(
