@@ -185,6 +185,9 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         original_limit=args.original_limit,
         dev_eval=args.dev_eval,
         dev_limit=args.dev_limit,
+        calibration=args.calibration,
+        calibration_limit=args.calibration_limit,
+        max_f1_loss=args.max_f1_loss,
         eval_fraction=args.eval_fraction,
         epochs=args.epochs,
         learning_rate=args.lr,
@@ -355,6 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     pb2.add_argument("--original-limit", type=int, default=None)
     pb2.add_argument("--dev-eval", type=Path, default=None, help="SQuAD json added to the held-out set")
     pb2.add_argument("--dev-limit", type=int, default=None)
+    pb2.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="SQuAD json of questions neither model trained on: the candidate's E_T is chosen on them",
+    )
+    pb2.add_argument("--calibration-limit", type=int, default=None)
+    pb2.add_argument(
+        "--max-f1-loss", type=float, default=1.0, help="E_T target: F1 below the candidate's full depth"
+    )
     pb2.add_argument("--eval-fraction", type=float, default=0.2)
     pb2.add_argument("--epochs", type=float, default=1.0)
     pb2.add_argument("--lr", type=float, default=5e-4)

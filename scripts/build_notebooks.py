@@ -601,6 +601,7 @@ NB07 = [
         "import json\n\nimport matplotlib.pyplot as plt\n\nfrom elma_utils import config, reporting\n"
         "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.model.finetune import finetune, held_back_examples\n"
         "from elma_utils.early_exit.policies import EntropyPolicy\nfrom elma_utils.offload import publish, sync\n"
+        "from elma_utils.model.finetune import training_examples\nfrom elma_utils.squad.data import examples_to_squad_json\n"
         "from elma_utils.offload.deployment import LoopbackDeployment\nfrom elma_utils.squad.data import load_squad\n\n"
         "P = config.get_profile(profile)\nREPORTS = config.reports_dir_for(P.name)\nmodel_dir = finetune(P, data_dir=data_dir, verbose=0)\n"
         "m03 = REPORTS / 'metrics' / '03_early_exit.json'\nbest = json.loads(m03.read_text())['best_mode'] if m03.is_file() else 'distill'\n"
@@ -617,7 +618,10 @@ NB07 = [
     ),
     (
         "code",
-        "n_ask = 2000 if P.name != 'smoke' else 40\nasked = held_back_examples(P, n_ask, data_dir)\n"
+        "n_ask, n_cal = (4000, 1000) if P.name != 'smoke' else (40, 20)\n"
+        "pool = held_back_examples(P, n_ask + n_cal, data_dir)  # questions no model trained on\n"
+        "asked = pool[:n_ask]\nasked_contexts = {e.context for e in asked}\n"
+        "calibration = [e for e in pool[n_ask:] if e.context not in asked_contexts]  # chooses a retrained edge's E_T\n"
         "with LoopbackDeployment(model_dir, bundle, run / 'loop', device_id='growth-device',\n"
         "                        sftp_root=publish.bundles_dir(server_root)) as dep:\n"
         "    installed = sync.sync_with_client(dep.tunnel, '.', device_root)\n"
@@ -631,15 +635,25 @@ NB07 = [
     (
         "md",
         "## Retrain, evaluate, publish only if no worse\nHeld out: the store export's evaluation contexts (never "
-        "trained on) and the first dev-v1.1 questions with their real labels.",
+        "trained on) and the first dev-v1.1 questions with their real labels. The grown training set is the "
+        "stored questions (server answers as pseudo-labels) plus the full model's own SQuAD training questions, so "
+        "that the exits learn the device's hard cases without forgetting the easy ones. Retrained heads are more or "
+        "less sure than the old ones, so the candidate's E_T is chosen again (notebook 03's rule: cheapest within 1 F1 "
+        "of its full depth) on held-back questions that neither model trained on and the device did not ask.",
     ),
     (
         "code",
         "dev_path = load_squad('1.1', 'dev', data_dir=data_dir).path\n"
+        "n_original = 3000 if P.name != 'smoke' else 20\n"
+        "original = [e for e in training_examples(P, data_dir) if not e.is_impossible][:n_original]  # the full model's own\n"
+        "(run / 'original.json').write_text(json.dumps(examples_to_squad_json(original)))\n"
+        "(run / 'calibration.json').write_text(json.dumps(examples_to_squad_json(calibration)))\n"
         "result = publish.retrain_edge(store_path, server_root, mode=mode, full_model_dir=model_dir, dev_eval=dev_path,\n"
+        "                              original_train=run / 'original.json', calibration=run / 'calibration.json',\n"
         "                              dev_limit=500 if P.name != 'smoke' else 20, squad_version='1.1', epochs=1.0,\n"
         "                              batch_size=P.batch_size, tolerance=tolerance)\n"
-        "print(result.reason)\n{'current': result.current.get('f1'), 'candidate': result.candidate.get('f1')}",
+        "print(result.reason)\n{'current': result.current.get('f1'), 'candidate': result.candidate.get('f1'),\n"
+        " 'candidate E_T': result.recalibration}",
     ),
     (
         "code",

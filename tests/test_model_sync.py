@@ -219,6 +219,26 @@ def test_equal_candidate_counts_as_no_worse(server):
     assert r.candidate["f1"] == r.current["f1"] and r.candidate["sets"] == r.current["sets"]
 
 
+def test_retrained_edge_gets_its_own_e_t_from_calibration_questions(server, dev_v11, tmp_path):
+    root = tmp_path / "server_root"
+    first = publish.publish_bundle(
+        server["bundle0"], root, exits_dir=server["root"] / publish.EXITS_DIR / server["v1"]
+    )
+    calibration = tmp_path / "calibration.json"  # dev questions used nowhere else in this module
+    calibration.write_text(json.dumps(examples_to_squad_json(dev_v11.examples[340:370])))
+    r = publish.retrain_edge(
+        server["store"], root, epochs=3, learning_rate=1e-2, eval_fraction=0.25, batch_size=16, seed=0,
+        calibration=calibration, max_f1_loss=1.0, tolerance=100.0,
+    )  # fmt: skip
+    assert r.published and r.current_version == first, r.reason
+    cal = r.recalibration
+    assert cal["status"] == "recalibrated" and cal["questions"] == 30
+    assert cal["E_T_before"] == E_T and cal["f1"] >= cal["full_depth_f1"] - 1.0 - 1e-9
+    published = json.loads((publish.bundles_dir(root) / r.version / "thresholds.json").read_text())
+    assert published == {"policy": "entropy", "E_T": cal["E_T"], "rule": "max"}
+    assert json.loads((Path(r.run_dir) / "report.json").read_text())["recalibration"] == cal
+
+
 def test_retrain_without_stored_questions_keeps_the_current_version(server, tmp_path):
     from elma_utils.offload.store import HardQuestionStore
 

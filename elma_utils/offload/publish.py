@@ -12,7 +12,8 @@ Server layout (``server_root``)::
 model is the teacher), optionally mixes in original training questions, trains the current
 edge's exit heads (``distill``) or heads and kept layers (``joint_distill``) from the
 current exits weights, exports a candidate bundle with the current bundle's exit policy and
-windows, and scores candidate and current bundle with the edge runtime on the same held-out
+windows (its E_T chosen again on ``calibration`` questions when given: retrained heads are
+more or less sure than the old ones, see ``early_exit.recalibrate``), and scores candidate and current bundle with the edge runtime on the same held-out
 questions (the export's eval contexts and/or SQuAD dev questions). The candidate is
 published only when its F1 is not lower than the current one's by more than ``tolerance``
 points; otherwise the current version stays and the result says why.
@@ -247,6 +248,7 @@ class RetrainResult:
     train_questions: int = 0
     original_questions: int = 0
     train: dict = field(default_factory=dict)  # fit_exit_heads stats
+    recalibration: dict = field(default_factory=dict)  # the candidate's E_T, chosen again
     run_dir: str = ""
     seconds: float = 0.0
 
@@ -340,8 +342,10 @@ def _grown_data(
 def _train_candidate(
     exits: Path, full_model_dir, manifest: dict, thresholds: dict, examples: list, run_dir: Path, *,
     mode: str, epochs: float, learning_rate: float, batch_size: int, seed: int, verbose,
-) -> tuple[Path, Path, dict]:  # fmt: skip
-    """Train from the current exits; returns (candidate bundle, its exits artifact, training stats)."""
+    calibration: EvalSet | None = None, max_f1_loss: float = 1.0,
+) -> tuple[Path, Path, dict, dict]:  # fmt: skip
+    """Train from the current exits; returns (candidate bundle, its exits artifact, training
+    stats, the E_T recalibration report — empty without ``calibration``)."""
     import keras
 
     from elma_utils.export.bundle import write_bundle
@@ -362,6 +366,14 @@ def _train_candidate(
         multi, feats, mode=mode, batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, seed=seed,
         verbose=verbose,
     )  # fmt: skip
+    recalibration: dict = {}
+    if calibration is not None:
+        from elma_utils.early_exit.recalibrate import recalibrate_entropy_threshold
+
+        thresholds, recalibration = recalibrate_entropy_threshold(
+            multi, tokenizer, calibration.examples, calibration.raw, calibration.version, thresholds,
+            seq_len=seq_len, max_f1_loss=max_f1_loss, **windows,
+        )  # fmt: skip
     exits_out = save_exits(
         multi, full, run_dir / "exits", mode=mode, init_exits=str(exits), train=stats, epochs=epochs,
         learning_rate=learning_rate, train_questions=len(examples),
@@ -371,7 +383,7 @@ def _train_candidate(
         thresholds=thresholds, model_version=f"candidate-{run_dir.name}",
         dynamic_length=bool(manifest.get("dynamic_length", True)), **windows,
     )  # fmt: skip
-    return bundle, exits_out, stats
+    return bundle, exits_out, stats, recalibration
 
 
 def _publish_candidate(server_root: Path, based_on: str, candidate: Path, exits: Path, notes: dict) -> str:
@@ -402,6 +414,9 @@ def retrain_edge(
     original_limit: int | None = None,
     dev_eval: str | os.PathLike | None = None,
     dev_limit: int | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_limit: int | None = None,
+    max_f1_loss: float = 1.0,
     eval_fraction: float = 0.2,
     squad_version: str = "2.0",
     epochs: float = 1.0,
@@ -418,7 +433,10 @@ def retrain_edge(
     ``exits/<current version>``); ``full_model_dir`` overrides the backbone it names.
     ``original_train``: SQuAD json whose first ``original_limit`` questions join the stored
     ones. Held-out: the store export's eval contexts (``eval_fraction`` of them) and, when
-    given, the first ``dev_limit`` questions of ``dev_eval``. ``tolerance``: F1 points the
+    given, the first ``dev_limit`` questions of ``dev_eval``. ``calibration``: SQuAD json whose
+    first ``calibration_limit`` questions (trained on by neither model, disjoint from the
+    held-out ones) choose the candidate's E_T anew, the cheapest within ``max_f1_loss`` F1 of
+    its own full depth; without it the candidate keeps the current E_T. ``tolerance``: F1 points the
     candidate may lose (negative: it must win by that much). Trains under the current Keras
     dtype policy and seeds Keras' random generators with ``seed``. See the module note.
     """
@@ -457,9 +475,11 @@ def retrain_edge(
             "questions; both are needed"
         )
         return _finish(result, run_dir, t0)
-    candidate, candidate_exits, result.train = _train_candidate(
+    calibration_set = _load_set(Path(calibration), "calibration", calibration_limit) if calibration else None
+    candidate, candidate_exits, result.train, result.recalibration = _train_candidate(
         exits, full_model_dir, manifest, read_thresholds(current), data.train, run_dir, mode=mode,
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed, verbose=verbose,
+        calibration=calibration_set, max_f1_loss=max_f1_loss,
     )  # fmt: skip
     result.current = evaluate_bundle(current, data.eval_sets)
     result.candidate = evaluate_bundle(candidate, data.eval_sets)
