@@ -192,6 +192,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         learning_rate=args.lr,
         tolerance=args.tolerance,
+        max_share_drop=args.max_share_drop,
     )
     print(json.dumps(result.to_dict(), indent=2, default=str) if args.json else result.reason)
     return 0 if result.published else 3
@@ -372,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb2.add_argument("--epochs", type=float, default=1.0)
     pb2.add_argument("--lr", type=float, default=5e-4)
     pb2.add_argument("--tolerance", type=float, default=0.0, help="F1 the candidate may lose and still ship")
+    pb2.add_argument(
+        "--max-share-drop",
+        type=float,
+        default=2.0,
+        help="percentage points of held-out questions the candidate may settle fewer on the edge",
+    )
     pb2.add_argument("--json", action="store_true")
     pb.set_defaults(func=_cmd_publish)
 

@@ -13,10 +13,14 @@ model is the teacher), optionally mixes in original training questions, trains t
 edge's exit heads (``distill``) or heads and kept layers (``joint_distill``) from the
 current exits weights, exports a candidate bundle with the current bundle's exit policy and
 windows (its E_T chosen again on ``calibration`` questions when given: retrained heads are
-more or less sure than the old ones, see ``early_exit.recalibrate``), and scores candidate and current bundle with the edge runtime on the same held-out
-questions (the export's eval contexts and/or SQuAD dev questions). The candidate is
+more or less sure than the old ones, see ``early_exit.recalibrate``), and scores candidate
+and current bundle with the edge runtime on the same held-out questions (the export's eval
+contexts and/or SQuAD dev questions). The candidate is
 published only when its F1 is not lower than the current one's by more than ``tolerance``
-points; otherwise the current version stays and the result says why.
+points and it settles on the edge no fewer of those questions than the current one, less
+``max_share_drop`` points (an edge that offloads more costs the server time and the device
+a round trip per question, which an edge-only F1 does not show); otherwise the current
+version stays and the result says why (``publish_refusal``).
 
 Publishing is atomic for readers: the bundle is complete and verified in a hidden staging
 directory, renamed to ``bundles/<version>/``, and only then is LATEST.json replaced
@@ -243,6 +247,7 @@ class RetrainResult:
     version: str | None = None  # the new version when published
     mode: str = "distill"
     tolerance: float = 0.0
+    max_share_drop: float = 2.0
     current: dict = field(default_factory=dict)  # evaluate_bundle of the current bundle
     candidate: dict = field(default_factory=dict)
     train_questions: int = 0
@@ -254,6 +259,28 @@ class RetrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def publish_refusal(
+    current: dict, candidate: dict, *, tolerance: float = 0.0, max_share_drop: float = 2.0
+) -> str | None:
+    """Why ``candidate`` must not replace ``current`` (``evaluate_bundle`` results on the same
+    held-out questions), or None when it may: it loses more than ``tolerance`` F1, or it settles
+    more than ``max_share_drop`` percentage points fewer questions on the edge (more offloads)."""
+    cur, new, n = current["f1"], candidate["f1"], current["questions"]
+    if new < cur - tolerance - 1e-9:
+        return (
+            f"candidate F1 {new:.2f} is below {cur - tolerance:.2f} (current {cur:.2f} minus tolerance "
+            f"{tolerance:g}) on {n} held-out questions"
+        )
+    cur_share, new_share = current["share_solved"], candidate["share_solved"]
+    if new_share < cur_share - max_share_drop - 1e-9:
+        return (
+            f"candidate settles {new_share:.1f} % of {n} held-out questions on the edge, below "
+            f"{cur_share - max_share_drop:.1f} % (current {cur_share:.1f} % minus max share drop "
+            f"{max_share_drop:g}): it would offload more"
+        )
+    return None
 
 
 def save_exits(multi, full_model_dir: str | os.PathLike, out_dir: str | os.PathLike, **notes: Any) -> Path:
@@ -423,6 +450,7 @@ def retrain_edge(
     learning_rate: float = 5e-4,
     batch_size: int = 16,
     tolerance: float = 0.0,
+    max_share_drop: float = 2.0,
     seed: int = 0,
     verbose: int | str = 0,
 ) -> RetrainResult:
@@ -437,7 +465,8 @@ def retrain_edge(
     first ``calibration_limit`` questions (trained on by neither model, disjoint from the
     held-out ones) choose the candidate's E_T anew, the cheapest within ``max_f1_loss`` F1 of
     its own full depth; without it the candidate keeps the current E_T. ``tolerance``: F1 points the
-    candidate may lose (negative: it must win by that much). Trains under the current Keras
+    candidate may lose (negative: it must win by that much); ``max_share_drop``: percentage points
+    of held-out questions it may settle fewer on the edge (see ``publish_refusal``). Trains under the current Keras
     dtype policy and seeds Keras' random generators with ``seed``. See the module note.
     """
     from elma_utils.model.multi_exit import EXIT_MODES
@@ -456,7 +485,10 @@ def retrain_edge(
     exits = Path(current_exits) if current_exits else server_root / EXITS_DIR / pointer.version
     run_dir = server_root / RUNS_DIR / f"run-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{os.urandom(2).hex()}"
     run_dir.mkdir(parents=True)
-    result = RetrainResult(False, "", pointer.version, mode=mode, tolerance=tolerance, run_dir=str(run_dir))
+    result = RetrainResult(
+        False, "", pointer.version, mode=mode, tolerance=tolerance, max_share_drop=max_share_drop,
+        run_dir=str(run_dir),
+    )  # fmt: skip
     data = _grown_data(
         store_path,
         run_dir,
@@ -485,11 +517,11 @@ def retrain_edge(
     result.candidate = evaluate_bundle(candidate, data.eval_sets)
     cur, new, n = result.current["f1"], result.candidate["f1"], result.current["questions"]
     try:
-        if new < cur - tolerance - 1e-9:
-            result.reason = (
-                f"kept {pointer.version}: candidate F1 {new:.2f} is below {cur - tolerance:.2f} (current "
-                f"{cur:.2f} minus tolerance {tolerance:g}) on {n} held-out questions"
-            )
+        refusal = publish_refusal(
+            result.current, result.candidate, tolerance=tolerance, max_share_drop=max_share_drop
+        )
+        if refusal:
+            result.reason = f"kept {pointer.version}: {refusal}"
             return _finish(result, run_dir, t0)
         notes = {"retrain": run_dir.name, "f1": round(new, 3), "previous": pointer.version, "mode": mode}
         result.version = _publish_candidate(server_root, pointer.version, candidate, candidate_exits, notes)
