@@ -10,6 +10,8 @@ exactly the words a recogniser gets wrong.
   context, the context is Whisper's initial prompt (see :func:`context_prompt`). With a
   question language model (``lm``, default "auto": fitted on SQuAD's training questions when
   the file is at hand) the beam's n-best list is rescored (:mod:`elma_utils.speech.nbest`).
+  Audio in which Silero VAD finds no speech gives an empty transcript without decoding
+  (``speech_gate``; see :mod:`elma_utils.speech.speech_gate`).
 - ``sphinx``: CMU pocketsphinx with SpeechRecognition's bundled US English model; free
   dictation, or constrained by a JSGF grammar to a closed set of candidate questions, which
   picks the right one on clean speech where free dictation is poor. A context is accepted
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from elma_utils.speech.audio import SAMPLE_RATE, audio_data_to_array, duration_seconds, to_pcm16
+from elma_utils.speech.speech_gate import contains_speech
 from elma_utils.speech.wer import spoken_variants, word_edit_distance
 
 if TYPE_CHECKING:
@@ -209,7 +212,8 @@ class WhisperRecognizer:
     A `context` becomes the initial prompt (:func:`context_prompt`). With a question LM
     (:func:`resolve_question_lm`) an utterance of up to 30 s is decoded to the beam's n-best
     list and rescored with the LM and the context's words; ``details["beam_best"]`` keeps what
-    the beam alone chose."""
+    the beam alone chose. ``speech_gate``: audio without speech (Silero VAD) gives "" and
+    ``details["no_speech"] = "vad"`` instead of whatever the prompt suggests."""
 
     name = "whisper"
 
@@ -225,9 +229,11 @@ class WhisperRecognizer:
         lm: QuestionLMSpec = "auto",
         lm_weight: float | None = None,
         length_bonus: float | None = None,
+        speech_gate: bool = True,
     ) -> None:
         from elma_utils.speech import nbest
 
+        self.speech_gate = speech_gate
         self.model_name = str(model) if model is not None else default_whisper_model()
         self.language = language
         self.beam_size = beam_size
@@ -251,6 +257,15 @@ class WhisperRecognizer:
             "lm": self.lm_source,
         }
         start = time.perf_counter()
+        if self.speech_gate and not contains_speech(y):  # else the prompt makes a tone a question
+            details.update(no_speech="vad")
+            return Transcript(
+                text="",
+                seconds=time.perf_counter() - start,
+                engine=self.name,
+                audio_seconds=duration_seconds(y),
+                details=details,
+            )
         if self.lm is not None and duration_seconds(y) <= nbest.WINDOW_SECONDS:
             hyps = nbest.decode_nbest(self.model, y, prompt, self.beam_size)
             best = nbest.rescore(hyps, self.lm, self.lm_weight, self.length_bonus, context) if hyps else 0
