@@ -15,12 +15,12 @@ current exits weights, exports a candidate bundle with the current bundle's exit
 windows (its E_T chosen again on ``calibration`` questions when given: retrained heads are
 more or less sure than the old ones, see ``early_exit.recalibrate``), and scores candidate
 and current bundle with the edge runtime on the same held-out questions (the export's eval
-contexts and/or SQuAD dev questions). The candidate is
-published only when its F1 is not lower than the current one's by more than ``tolerance``
-points and it settles on the edge no fewer of those questions than the current one, less
-``max_share_drop`` points (an edge that offloads more costs the server time and the device
-a round trip per question, which an edge-only F1 does not show); otherwise the current
-version stays and the result says why (``publish_refusal``).
+contexts and/or SQuAD dev questions). The candidate is published only when its F1 is not
+lower than the current one's by more than ``tolerance`` points and it settles on the edge no
+fewer of those questions than the current one, less ``max_share_drop`` points (an edge that
+offloads more costs the server time and the device a round trip per question, which an
+edge-only F1 does not show); otherwise the current version stays and the result says why
+(``publish_refusal``).
 
 Publishing is atomic for readers: the bundle is complete and verified in a hidden staging
 directory, renamed to ``bundles/<version>/``, and only then is LATEST.json replaced
@@ -464,10 +464,11 @@ def retrain_edge(
     given, the first ``dev_limit`` questions of ``dev_eval``. ``calibration``: SQuAD json whose
     first ``calibration_limit`` questions (trained on by neither model, disjoint from the
     held-out ones) choose the candidate's E_T anew, the cheapest within ``max_f1_loss`` F1 of
-    its own full depth; without it the candidate keeps the current E_T. ``tolerance``: F1 points the
-    candidate may lose (negative: it must win by that much); ``max_share_drop``: percentage points
-    of held-out questions it may settle fewer on the edge (see ``publish_refusal``). Trains under the current Keras
-    dtype policy and seeds Keras' random generators with ``seed``. See the module note.
+    its own full depth; without it the candidate keeps the current E_T. ``tolerance``: F1 points
+    the candidate may lose (negative: it must win by that much); ``max_share_drop``: percentage
+    points of held-out questions it may settle fewer on the edge (see ``publish_refusal``).
+    Trains under the current Keras dtype policy and seeds Keras' random generators with
+    ``seed``. See the module note.
     """
     from elma_utils.model.multi_exit import EXIT_MODES
 
