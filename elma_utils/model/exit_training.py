@@ -41,7 +41,10 @@ def fit_exit_heads(
     tf_backend = keras.backend.backend() == "tensorflow"
     data = tf_dataset(features, plan) if tf_backend else py_dataset(features, plan)
     callbacks = [keras.callbacks.CSVLogger(str(log_csv))] if log_csv else []
-    history = model.fit(data, epochs=1, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
+    # the plan is already shuffled (seeded); Keras must not reorder it (it only warns for tf.data)
+    history = model.fit(
+        data, epochs=1, steps_per_epoch=steps, shuffle=False, callbacks=callbacks, verbose=verbose
+    )
     return {"mode": mode, "steps": steps, "final_loss": float(history.history["loss"][-1])}
 
 

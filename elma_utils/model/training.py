@@ -118,6 +118,7 @@ def fit_span_model(
             epochs=n_chunks,
             initial_epoch=done,
             steps_per_epoch=chunk,
+            shuffle=False,  # the batch plan is shuffled and seeded: resuming replays it exactly
             callbacks=callbacks,
             verbose=verbose,
         )
