@@ -8,6 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from elma_utils.config import PROFILES
+
+PROFILE_NAMES = " | ".join(PROFILES)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -246,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune the full QA model (resumes an interrupted run)")
-    t.add_argument("--profile", default=None, help="smoke | cpu | full (default: $ELMA_PROFILE or cpu)")
+    t.add_argument("--profile", default=None, help=f"{PROFILE_NAMES} (default: $ELMA_PROFILE or cpu)")
     t.add_argument("--name", default=None, help="artifact name (default: <backbone>-<profile>)")
     t.add_argument("--out", type=Path, default=None, help="artifact directory (default: artifacts/<name>)")
     t.add_argument("--data-dir", type=Path, default=None, help="directory with the SQuAD json files")
@@ -400,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.set_defaults(func=_cmd_sync)
 
     pl = sub.add_parser("pipeline", help="run the notebooks in order with papermill")
-    pl.add_argument("--profile", default=None)
+    pl.add_argument("--profile", default=None, help=f"{PROFILE_NAMES} (default: $ELMA_PROFILE or cpu)")
     pl.add_argument("--only", default=None, help="comma-separated notebook names or numbers")
     pl.add_argument("--force", action="store_true", help="rerun notebooks that already finished")
     pl.set_defaults(func=_cmd_pipeline)

@@ -476,3 +476,39 @@ def test_training_examples_add_hard_negatives_when_the_profile_asks():
     added = hard[len(plain) :]
     assert hard[: len(plain)] == plain and 60 <= len(added) <= 100
     assert all(e.is_impossible and e.qas_id.endswith("_cut") for e in added)
+
+
+def test_profiles_can_train_on_squad_v2_with_its_real_unanswerable_questions(tmp_path):
+    """``train_version="2.0"`` (profile ``full-v2``) reads train-v2.0.json: its crowd-written
+    unanswerable questions are trained on as they are, made-up negatives come from the
+    answerable ones, and held-back questions come from the same file."""
+    import dataclasses
+
+    from elma_utils import config
+    from elma_utils.model.finetune import held_back_examples, training_examples
+    from elma_utils.squad.data import examples_to_squad_json, load_squad
+
+    assert config.get_profile("full-v2").train_version == "2.0"
+    assert config.get_profile("full").train_version == config.get_profile("cpu").train_version == "1.1"
+    source = load_squad("2.0", "dev", download=False).examples[
+        :300
+    ]  # stands in for train-v2.0.json (not available offline here)
+    (tmp_path / "train-v2.0.json").write_text(json.dumps(examples_to_squad_json(source, version="2.0")))
+    n_impossible = sum(e.is_impossible for e in source)
+    assert 0 < n_impossible < len(source)
+
+    profile = dataclasses.replace(
+        config.get_profile("smoke"), train_version="2.0", train_examples=None, v2_unanswerable_ratio=0.0
+    )
+    examples = training_examples(profile, tmp_path)
+    assert [e.qas_id for e in examples] == [e.qas_id for e in source]
+    assert sum(e.is_impossible for e in examples) == n_impossible
+
+    made = training_examples(dataclasses.replace(profile, v2_unanswerable_ratio=0.5), tmp_path)[len(source) :]
+    assert len(made) == round(0.5 * (len(source) - n_impossible))  # half of the answerable ones
+    assert all(e.is_impossible and not e.answers for e in made)
+
+    subset = dataclasses.replace(profile, train_examples=200)
+    held = held_back_examples(subset, 50, tmp_path, seed=1)
+    assert len(held) == 50 and {e.qas_id for e in held} <= {e.qas_id for e in source}
+    assert not {e.qas_id for e in held} & {e.qas_id for e in training_examples(subset, tmp_path)}

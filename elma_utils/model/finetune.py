@@ -20,10 +20,11 @@ from elma_utils.squad.features import cached_features, span_recovery_rate
 
 
 def training_examples(profile: cfg.Profile, data_dir: Path | None = None) -> list[SquadExample]:
-    """SQuAD v1.1 train questions (a seeded random subset when the profile says so), plus
-    made-up unanswerable ones: another paragraph of the article (``v2_unanswerable_ratio``)
-    and the own paragraph without its answer sentence (``hard_negative_ratio``)."""
-    examples = load_squad("1.1", "train", data_dir=data_dir).examples
+    """SQuAD train questions of the profile's ``train_version`` (a seeded random subset when the
+    profile says so), plus made-up unanswerable ones: another paragraph of the article
+    (``v2_unanswerable_ratio``) and the own paragraph without its answer sentence
+    (``hard_negative_ratio``), both made from the answerable questions."""
+    examples = load_squad(profile.train_version, "train", data_dir=data_dir).examples
     if profile.train_examples is not None and profile.train_examples < len(examples):
         rng = random.Random(profile.seed)
         keep = sorted(rng.sample(range(len(examples)), profile.train_examples))
@@ -39,10 +40,10 @@ def training_examples(profile: cfg.Profile, data_dir: Path | None = None) -> lis
 
 
 def held_back_examples(profile: cfg.Profile, n: int, data_dir: Path | None = None, seed: int = 0) -> list:
-    """``n`` SQuAD v1.1 train questions the profile did *not* train on (seeded sample of the
-    complement of ``training_examples``): fresh questions a device can ask in a data-growth
-    experiment without the models having seen them."""
-    examples = load_squad("1.1", "train", data_dir=data_dir).examples
+    """``n`` SQuAD train questions (of the profile's ``train_version``) the profile did *not*
+    train on (seeded sample of the complement of ``training_examples``): fresh questions a
+    device can ask in a data-growth experiment without the models having seen them."""
+    examples = load_squad(profile.train_version, "train", data_dir=data_dir).examples
     if profile.train_examples is None or profile.train_examples >= len(examples):
         raise ValueError(f"profile {profile.name!r} trains on every train question: none is held back")
     rng = random.Random(profile.seed)
