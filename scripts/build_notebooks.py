@@ -599,7 +599,7 @@ NB07 = [
     (
         "code",
         "import json\n\nimport matplotlib.pyplot as plt\n\nfrom elma_utils import config, reporting\n"
-        "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.model.finetune import finetune, held_back_examples\n"
+        "from elma_utils.early_exit import experiment as ee\nfrom elma_utils.model.finetune import finetune, fresh_questions\n"
         "from elma_utils.early_exit.policies import EntropyPolicy\nfrom elma_utils.offload import publish, sync\n"
         "from elma_utils.model.finetune import training_examples\nfrom elma_utils.squad.data import examples_to_squad_json\n"
         "from elma_utils.offload.deployment import LoopbackDeployment\nfrom elma_utils.squad.data import load_squad\n\n"
@@ -618,8 +618,9 @@ NB07 = [
     ),
     (
         "code",
-        "n_ask, n_cal = (4000, 1000) if P.name != 'smoke' else (40, 20)\n"
-        "pool = held_back_examples(P, n_ask + n_cal, data_dir)  # questions no model trained on\n"
+        "n_ask, n_cal, n_dev = (4000, 1000, 500) if P.name != 'smoke' else (40, 20, 20)\n"
+        "# questions no model trained on (held-back train questions, or other dev articles for full profiles)\n"
+        "pool = fresh_questions(P, n_ask + n_cal, data_dir, dev_held_out=n_dev)\n"
         "asked = pool[:n_ask]\nasked_contexts = {e.context for e in asked}\n"
         "calibration = [e for e in pool[n_ask:] if e.context not in asked_contexts]  # chooses a retrained edge's E_T\n"
         "with LoopbackDeployment(model_dir, bundle, run / 'loop', device_id='growth-device',\n"
@@ -650,7 +651,7 @@ NB07 = [
         "(run / 'calibration.json').write_text(json.dumps(examples_to_squad_json(calibration)))\n"
         "result = publish.retrain_edge(store_path, server_root, mode=mode, full_model_dir=model_dir, dev_eval=dev_path,\n"
         "                              original_train=run / 'original.json', calibration=run / 'calibration.json',\n"
-        "                              dev_limit=500 if P.name != 'smoke' else 20, squad_version='1.1', epochs=1.0,\n"
+        "                              dev_limit=n_dev, squad_version='1.1', epochs=1.0,\n"
         "                              batch_size=P.batch_size, tolerance=tolerance)\n"
         "print(result.reason)\n{'current': result.current.get('f1'), 'candidate': result.candidate.get('f1'),\n"
         " 'candidate E_T': result.recalibration}",

@@ -512,3 +512,26 @@ def test_profiles_can_train_on_squad_v2_with_its_real_unanswerable_questions(tmp
     held = held_back_examples(subset, 50, tmp_path, seed=1)
     assert len(held) == 50 and {e.qas_id for e in held} <= {e.qas_id for e in source}
     assert not {e.qas_id for e in held} & {e.qas_id for e in training_examples(subset, tmp_path)}
+
+
+def test_fresh_questions_for_profiles_that_train_on_everything():
+    """Notebook 07 asks questions no model trained on: held-back train questions for subset
+    profiles; for ``full`` (every train question) dev-v1.1 questions from other articles than
+    the held-out evaluation questions."""
+    import dataclasses
+
+    from elma_utils import config
+    from elma_utils.model.finetune import fresh_questions, held_back_examples
+    from elma_utils.squad.data import load_squad
+
+    smoke = dataclasses.replace(config.get_profile("smoke"), v2_unanswerable_ratio=0.0)
+    assert fresh_questions(smoke, 30, seed=2) == held_back_examples(smoke, 30, seed=2)
+
+    full = config.get_profile("full")
+    dev = load_squad("1.1", "dev", download=False).examples
+    asked = fresh_questions(full, 300, dev_held_out=500, seed=2)
+    assert len(asked) == 300 and asked == fresh_questions(full, 300, dev_held_out=500, seed=2)
+    held_out_titles = {e.title for e in dev[:500]}
+    assert held_out_titles and not held_out_titles & {e.title for e in asked}
+    dev_ids = {e.qas_id for e in dev}
+    assert {e.qas_id for e in asked} <= dev_ids and len({e.qas_id for e in asked}) == 300

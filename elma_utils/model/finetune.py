@@ -53,6 +53,24 @@ def held_back_examples(profile: cfg.Profile, n: int, data_dir: Path | None = Non
     return [examples[i] for i in pick]
 
 
+def fresh_questions(
+    profile: cfg.Profile, n: int, data_dir: Path | None = None, *, seed: int = 0, dev_held_out: int = 0
+) -> list[SquadExample]:
+    """``n`` questions no model of ``profile`` trained on, for a device to ask in a data-growth
+    experiment: held-back train questions (``held_back_examples``) when the profile trains on
+    a subset; when it trains on every train question (``full``), dev-v1.1 questions from
+    articles other than those of the first ``dev_held_out`` dev questions, which stay free
+    for held-out evaluation."""
+    n_train = len(load_squad(profile.train_version, "train", data_dir=data_dir).examples)
+    if profile.train_examples is not None and profile.train_examples < n_train:
+        return held_back_examples(profile, n, data_dir, seed)
+    dev = load_squad("1.1", "dev", data_dir=data_dir).examples
+    reserved = {e.title for e in dev[:dev_held_out]}
+    rest = [e for e in dev if e.title not in reserved]
+    pick = sorted(random.Random(seed).sample(range(len(rest)), min(n, len(rest))))
+    return [rest[i] for i in pick]
+
+
 def finetune(
     profile: cfg.Profile,
     name: str | None = None,
