@@ -44,13 +44,20 @@ def held_back_examples(profile: cfg.Profile, n: int, data_dir: Path | None = Non
     train on (seeded sample of the complement of ``training_examples``): fresh questions a
     device can ask in a data-growth experiment without the models having seen them."""
     examples = load_squad(profile.train_version, "train", data_dir=data_dir).examples
-    if profile.train_examples is None or profile.train_examples >= len(examples):
+    if not _trains_on_a_subset(profile, examples):
         raise ValueError(f"profile {profile.name!r} trains on every train question: none is held back")
-    rng = random.Random(profile.seed)
-    used = set(rng.sample(range(len(examples)), profile.train_examples))
-    rest = [i for i in range(len(examples)) if i not in used]
-    pick = sorted(random.Random(seed).sample(rest, min(n, len(rest))))
-    return [examples[i] for i in pick]
+    return _held_back(profile, examples, n, seed)
+
+
+def _trains_on_a_subset(profile: cfg.Profile, train: list[SquadExample]) -> bool:
+    return profile.train_examples is not None and profile.train_examples < len(train)
+
+
+def _held_back(profile: cfg.Profile, train: list[SquadExample], n: int, seed: int) -> list[SquadExample]:
+    """Seeded sample of the train questions ``training_examples`` left out."""
+    used = set(random.Random(profile.seed).sample(range(len(train)), profile.train_examples))
+    rest = [i for i in range(len(train)) if i not in used]
+    return [train[i] for i in sorted(random.Random(seed).sample(rest, min(n, len(rest))))]
 
 
 def fresh_questions(
@@ -61,9 +68,9 @@ def fresh_questions(
     a subset; when it trains on every train question (``full``), dev-v1.1 questions from
     articles other than those of the first ``dev_held_out`` dev questions, which stay free
     for held-out evaluation."""
-    n_train = len(load_squad(profile.train_version, "train", data_dir=data_dir).examples)
-    if profile.train_examples is not None and profile.train_examples < n_train:
-        return held_back_examples(profile, n, data_dir, seed)
+    train = load_squad(profile.train_version, "train", data_dir=data_dir).examples
+    if _trains_on_a_subset(profile, train):
+        return _held_back(profile, train, n, seed)
     dev = load_squad("1.1", "dev", data_dir=data_dir).examples
     reserved = {e.title for e in dev[:dev_held_out]}
     rest = [e for e in dev if e.title not in reserved]

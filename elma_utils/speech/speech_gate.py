@@ -11,28 +11,20 @@ On 900 espeak-ng questions (3 voices, clean and at 10 dB SNR) it found speech in
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from elma_utils.speech.audio import SAMPLE_RATE
-
-
-@functools.cache
-def _vad():
-    from faster_whisper.vad import VadOptions, get_speech_timestamps
-
-    return get_speech_timestamps, VadOptions
 
 
 def speech_segments(
     samples: np.ndarray, *, threshold: float = 0.5, min_speech_ms: int = 0
 ) -> list[tuple[float, float]]:
     """(start, end) seconds of the speech Silero VAD finds in 16 kHz mono ``samples``."""
-    get_speech_timestamps, options = _vad()
+    from faster_whisper.vad import VadOptions, get_speech_timestamps  # the ONNX model loads once
+
     found = get_speech_timestamps(
         np.asarray(samples, dtype=np.float32),
-        options(threshold=threshold, min_speech_duration_ms=min_speech_ms),
+        VadOptions(threshold=threshold, min_speech_duration_ms=min_speech_ms),
         sampling_rate=SAMPLE_RATE,
     )
     return [(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in found]
