@@ -50,7 +50,14 @@ ERROR_CODES = frozenset(
         "unknown_context",  # an ask's context_ref names a context the server does not hold
         "internal",  # the server failed answering a valid request
         "overloaded",  # the server cannot answer in time; retry later
+        "forbidden",  # the request is not signed by the key registered for its device_id
+        "conflict",  # a request id this device already used, with different content
     }
+)
+# Codes that blame the request itself: sending it again can never succeed, so an outbox
+# sets such an item aside (with its reason) instead of retrying it. The others are transient.
+CLIENT_FAULT_CODES = frozenset(
+    {"malformed", "too_large", "unsupported_version", "bad_request", "forbidden", "conflict"}
 )
 
 _ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")  # request and device ids
