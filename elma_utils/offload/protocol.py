@@ -62,6 +62,7 @@ CLIENT_FAULT_CODES = frozenset(
 
 _ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")  # request and device ids
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_SIG_RE = re.compile(r"[A-Za-z0-9+/]{1,256}={0,2}")
 
 
 class ProtocolError(ValueError):
@@ -78,6 +79,11 @@ class ProtocolError(ValueError):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+
+def is_identifier(value: object) -> bool:
+    """Whether ``value`` is a valid request or device id."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 def context_ref(context: str) -> str:
@@ -231,7 +237,10 @@ class AskRequest:
 
     Exactly one of ``context`` (the text) and ``context_ref`` (``context_ref(text)`` of a
     context the server already holds) is set. ``deadline_ms``: how long the edge will wait
-    for the answer, so the server can refuse work it cannot finish in time.
+    for the answer, so the server can refuse work it cannot finish in time. ``sig``: the
+    device key's signature of the request's content (``request_signing``), which binds
+    ``device_id`` to the key registered for it; a server with a device registry refuses
+    unsigned asks.
     """
 
     TYPE: ClassVar[str] = "ask"
@@ -243,10 +252,13 @@ class AskRequest:
     context: str | None = None
     context_ref: str | None = None
     deadline_ms: int | None = None
+    sig: str | None = None
 
     def __post_init__(self) -> None:
         _ident("id", self.id)
         _ident("device_id", self.device_id)
+        if self.sig is not None and (not isinstance(self.sig, str) or not _SIG_RE.fullmatch(self.sig)):
+            raise _bad("field 'sig' must be base64 of at most 256 characters (see request_signing)")
         _text("question", self.question, MAX_QUESTION_CHARS, non_empty=True)
         if not isinstance(self.edge, EdgeResult):
             raise _bad(f"field 'edge' must be an object, got {_type_name(self.edge)}")

@@ -22,7 +22,9 @@ Layers, each replaceable:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import socket
 import socketserver
@@ -32,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from elma_utils.offload.batcher import MicroBatcher, Overloaded, ServerAnswer
+from elma_utils.offload.device_identity import DeviceRegistry
 from elma_utils.offload.protocol import (
     MAX_MESSAGE_BYTES,
     AnswerReply,
@@ -51,6 +54,9 @@ from elma_utils.offload.store import HardQuestionStore
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_CONTEXT_CHARS = 50_000  # ≈ 12 windows of 384 tokens: about a second of the CPU model
+MAX_SERVER_DEADLINE_MS = 60_000  # longer deadlines are cut to this
+LISTEN_BACKLOG = 256  # socketserver's default of 5 dropped asks when 200 devices came at once
 
 
 class ModelAnswerer:
@@ -70,19 +76,26 @@ class ModelAnswerer:
         return cls(qa, version)
 
     def answer_batch(self, pairs: Sequence[tuple[str, str]]) -> list[ServerAnswer]:
-        out = []
-        for a in self.qa.predict(list(pairs)):
-            span = not a.no_answer and a.char_start >= 0
-            out.append(
-                ServerAnswer(
-                    text="" if a.no_answer else a.text,
-                    start=int(a.char_start) if span else None,
-                    end=int(a.char_end) if span else None,
-                    score=float(a.score) if a.score == a.score else 0.0,  # NaN → 0 (never on the wire)
-                    no_answer=bool(a.no_answer),
-                )
-            )
-        return out
+        return [_server_answer(a) for a in self.qa.predict(list(pairs))]
+
+
+def _server_answer(a) -> ServerAnswer:
+    """A model answer as it may go on the wire.
+
+    A score that is not a finite number (-inf when a context holds nothing the tokenizer
+    keeps: only zero-width spaces, NUL, soft hyphens, a BOM; NaN) means the model found no
+    span it can stand behind: that is a no-answer reply, never a protocol error that the
+    device would have to resend for ever.
+    """
+    score = float(a.score)
+    no_answer = bool(a.no_answer) or not math.isfinite(score) or a.char_start < 0
+    return ServerAnswer(
+        text="" if no_answer else a.text,
+        start=None if no_answer else int(a.char_start),
+        end=None if no_answer else int(a.char_end),
+        score=score if math.isfinite(score) else 0.0,
+        no_answer=no_answer,
+    )
 
 
 class OffloadService:
@@ -97,11 +110,20 @@ class OffloadService:
         max_batch: int = 16,
         max_wait_ms: float = 2.0,
         default_deadline_ms: int = 30_000,
+        max_deadline_ms: int = MAX_SERVER_DEADLINE_MS,
+        max_context_chars: int = MAX_CONTEXT_CHARS,
+        registry: DeviceRegistry | None = None,
     ):
+        """``registry``: when set, every ask must be signed by a key registered for its
+        ``device_id`` (a server reachable over SSH always has one); None trusts the claim
+        (a model service used on this machine only, e.g. by tests and notebooks)."""
         self.answerer = answerer
         self.store = store
         self.name = name
-        self.default_deadline_ms = default_deadline_ms
+        self.max_deadline_ms = int(max_deadline_ms)
+        self.default_deadline_ms = min(int(default_deadline_ms), self.max_deadline_ms)
+        self.max_context_chars = int(max_context_chars)
+        self.registry = registry
         self.batcher = MicroBatcher(answerer.answer_batch, max_batch, max_wait_ms)
 
     def handle_line(self, line: bytes) -> bytes:
@@ -129,6 +151,16 @@ class OffloadService:
 
     def ask(self, req: AskRequest) -> AnswerReply | ErrorReply:
         t0 = time.perf_counter()
+        if self.registry is not None:
+            self.registry.verify(req)
+        if req.context is not None and len(req.context) > self.max_context_chars:
+            raise ProtocolError(
+                "too_large",
+                f"the context is {len(req.context)} characters; this server answers about at most"
+                f" {self.max_context_chars} (elma serve --max-context-chars); send the passage around"
+                " the question instead of the whole text",
+                req.id,
+            )
         context = req.context if req.context is not None else self.store.get_context(req.ref)
         if context is None:
             raise ProtocolError(
@@ -136,7 +168,8 @@ class OffloadService:
             )
         if req.edge.end is not None and req.edge.end > len(context):
             raise ProtocolError("bad_request", "edge.end is past the end of the context", req.id)
-        deadline_ms = req.deadline_ms or self.default_deadline_ms
+        # A device may not hold a worker (and its own slot in the queue) longer than the cap.
+        deadline_ms = min(req.deadline_ms or self.default_deadline_ms, self.max_deadline_ms)
         deadline = time.monotonic() + deadline_ms / 1000
         try:
             ans = self.batcher.submit(req.question, context, deadline).result(timeout=deadline_ms / 1000)
@@ -153,7 +186,14 @@ class OffloadService:
             end=ans.end,
         )
         stored_req = req if req.context is not None else _with_context(req, context)
-        self.store.record(stored_req, reply)  # durable before the edge hears of it
+        stored = self.store.record(stored_req, reply)  # durable before the edge hears of it
+        log.info(
+            "ask device=%s id=%s %s %.1f ms",
+            req.device_id,
+            req.id,
+            "retry" if stored.duplicate else "stored",
+            (time.perf_counter() - t0) * 1000,
+        )
         return reply
 
     def close(self) -> None:
@@ -161,7 +201,7 @@ class OffloadService:
 
 
 def _with_context(req: AskRequest, context: str) -> AskRequest:
-    return AskRequest(req.id, req.device_id, req.question, req.edge, context, None, req.deadline_ms)
+    return dataclasses.replace(req, context=context, context_ref=None)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -196,10 +236,12 @@ class _Handler(socketserver.BaseRequestHandler):
 class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
 
 class OffloadServer:

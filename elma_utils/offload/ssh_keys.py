@@ -12,6 +12,7 @@ import base64
 import hashlib
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
@@ -102,22 +103,111 @@ def write_authorized_keys(
     return path
 
 
-def load_authorized_keys(path: str | os.PathLike) -> list[paramiko.PKey]:
-    """The ed25519 keys in an ``authorized_keys`` file; other key types and comments are skipped.
+# Options ELMA writes for device keys (``sshd.device_key_options``). ELMA's endpoint grants
+# no more than they allow (forwarding to its one target, read-only SFTP below its root), so a
+# key carrying only these may log in there too; any other option (``from=``,
+# ``no-port-forwarding``, ``expiry-time=``...) would be silently widened, so such keys are skipped.
+ENDPOINT_SAFE_OPTIONS = frozenset(
+    {
+        "restrict",
+        "port-forwarding",
+        "permitopen",
+        "command",
+        "no-pty",
+        "no-agent-forwarding",
+        "no-x11-forwarding",
+        "no-user-rc",
+    }
+)
 
-    Lines with OpenSSH options (``from=…``, ``command=…``) are skipped too, because ELMA's
-    endpoint cannot honour them and accepting such a key without its restriction would widen it.
-    """
-    keys = []
-    for raw in Path(path).read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or not line.startswith(KEY_TYPE + " "):
+
+@dataclass(frozen=True)
+class AuthorizedKey:
+    """One ``authorized_keys`` line: its options, the key and the comment (ELMA: the device id)."""
+
+    options: tuple[str, ...]
+    key: paramiko.PKey
+    comment: str
+
+    def option_names(self) -> set[str]:
+        return {opt.split("=", 1)[0].lower() for opt in self.options}
+
+    def endpoint_may_honour(self) -> bool:
+        """Whether ELMA's endpoint grants no more than this line's options allow."""
+        if not self.option_names() <= ENDPOINT_SAFE_OPTIONS:
+            return False
+        commands = [o.split("=", 1)[1].strip('"') for o in self.options if o.lower().startswith("command=")]
+        return all(c.split()[:1] == ["internal-sftp"] for c in commands)
+
+
+def _split_unquoted(text: str, separators: str) -> tuple[list[str], str]:
+    """Split ``text`` at unquoted ``separators`` up to the first unquoted space; rest after it."""
+    parts, current, quoted, i = [], [], False, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and quoted and i + 1 < len(text):
+            current.append(text[i : i + 2])
+            i += 2
             continue
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in " \t":
+            break
+        elif not quoted and ch in separators:
+            parts.append("".join(current))
+            current = []
+            i += 1
+            continue
+        current.append(ch)
+        i += 1
+    if quoted:
+        raise KeyFileError(f"unbalanced quotes in authorized_keys options: {text[:60]!r}")
+    parts.append("".join(current))
+    return parts, text[i:].strip()
+
+
+def parse_authorized_line(line: str) -> AuthorizedKey | None:
+    """One ``authorized_keys`` line → ``AuthorizedKey``; None for blanks, comments, other key types.
+
+    Raises ``KeyFileError`` for an ed25519 line that cannot be parsed.
+    """
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    options: list[str] = []
+    if not line.startswith(KEY_TYPE + " ") and " " + KEY_TYPE + " " in line:
+        options, line = _split_unquoted(line, ",")
+    if not line.startswith(KEY_TYPE + " "):
+        return None
+    parts = line.split(None, 2)
+    key = parse_public_key(" ".join(parts[:2]))
+    return AuthorizedKey(tuple(o for o in options if o), key, parts[2].strip() if len(parts) > 2 else "")
+
+
+def read_authorized_keys(path: str | os.PathLike) -> list[AuthorizedKey]:
+    """Every ed25519 line of an ``authorized_keys`` file, options and comments included.
+
+    Unparseable lines are skipped (sshd skips them too), other key types as well.
+    """
+    entries = []
+    for raw in Path(path).read_text().splitlines():
         try:
-            keys.append(parse_public_key(line))
+            entry = parse_authorized_line(raw)
         except KeyFileError:
             continue
-    return keys
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def load_authorized_keys(path: str | os.PathLike) -> list[paramiko.PKey]:
+    """The ed25519 keys that may log in to ELMA's endpoint; other key types and comments are skipped.
+
+    Lines with OpenSSH options other than ELMA's own device restrictions (``from=…``,
+    ``command=`` other than internal-sftp, ``no-port-forwarding``…) are skipped too, because
+    the endpoint cannot honour them and accepting such a key without its restriction would widen it.
+    """
+    return [e.key for e in read_authorized_keys(path) if e.endpoint_may_honour()]
 
 
 def known_hosts_name(host: str, port: int) -> str:

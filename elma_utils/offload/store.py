@@ -18,7 +18,9 @@ server writes, and a writer waits up to ``timeout`` seconds for the lock.
 Duplicates, two kinds:
 - a *retry*: the same (device_id, request id) again, e.g. a client that lost the reply and
   sent the request once more. Nothing new is stored; ``record`` returns the first row's id
-  with ``duplicate=True`` (and the row's ``retries`` count goes up).
+  with ``duplicate=True`` (and the row's ``retries`` count goes up). The same ids with
+  different content (question, context, edge answer) are not a retry but a conflict:
+  ``ProtocolError("conflict")``, and the stored row stays as it was.
 - a *repeated question*: the same question on the same context in another request (from
   any device). It is stored as a new offload (its own edge and server answers), but all
   such offloads share one row of the questions table, whose ``times_asked`` counts them,
@@ -292,10 +294,28 @@ class HardQuestionStore:
         ref = request.ref
         with self.db.write() as conn:
             row = conn.execute(
-                "SELECT id, question_id FROM offloads WHERE device_id = ? AND request_id = ?",
+                "SELECT id, question_id, question, context_sha256, edge_text, edge_start, edge_end,"
+                " edge_exit_layer, edge_model_version FROM offloads WHERE device_id = ? AND request_id = ?",
                 (request.device_id, request.id),
             ).fetchone()
             if row is not None:
+                edge = request.edge
+                sent = (
+                    request.question,
+                    ref,
+                    edge.text,
+                    edge.start,
+                    edge.end,
+                    edge.exit_layer,
+                    edge.model_version,
+                )
+                if tuple(row[2:]) != sent:
+                    raise ProtocolError(
+                        "conflict",
+                        f"request id {request.id} of device {request.device_id} was already used for"
+                        " another question; a retry must repeat the request unchanged",
+                        request.id,
+                    )
                 conn.execute("UPDATE offloads SET retries = retries + 1 WHERE id = ?", (row[0],))
                 (times,) = conn.execute(
                     "SELECT times_asked FROM questions WHERE id = ?", (row[1],)
