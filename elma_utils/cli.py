@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from elma_utils.config import PROFILES
+from elma_utils.offload.server import MAX_CONTEXT_CHARS, MAX_SERVER_DEADLINE_MS
 
 PROFILE_NAMES = " | ".join(PROFILES)
 
@@ -169,8 +170,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         sftp_root=args.sftp_root,
         null_threshold=args.null_threshold,
         max_batch=args.max_batch,
+        max_context_chars=args.max_context_chars,
+        max_deadline_ms=args.max_deadline_ms,
         ready=lambda line: print(line, flush=True),
     )
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from elma_utils.offload import device_keys
+
+    if args.action in ("add", "revoke") and args.device is None:
+        raise ValueError(f"elma keys {args.action} needs --device ID")
+    if args.action == "add" and args.public_key is None:
+        raise ValueError("elma keys add needs --public-key FILE.pub (or the 'ssh-ed25519 AAAA...' line)")
+    if args.action == "add":
+        options = ""
+        if args.sshd:
+            from elma_utils.offload.sshd import device_key_options
+
+            if args.permit_open is None:
+                raise ValueError("--sshd needs --permit-open HOST:PORT (the model service's address)")
+            host, _, port = args.permit_open.rpartition(":")
+            options = device_key_options((host, int(port)), args.sftp_root)
+        line = device_keys.add_device(args.authorized_keys, args.device, args.public_key, options)
+        print(f"added device {args.device} to {args.authorized_keys}:\n{line}")
+    elif args.action == "revoke":
+        removed = device_keys.revoke_device(args.authorized_keys, args.device)
+        if not removed:
+            raise ValueError(f"no device {args.device!r} in {args.authorized_keys} (see `elma keys list`)")
+        print(
+            f"revoked device {args.device} ({removed} key(s)); its connections to ELMA's endpoint close within seconds"
+        )
+    else:
+        devices = device_keys.list_devices(args.authorized_keys)
+        if args.json:
+            print(json.dumps(devices, indent=2))
+        for d in [] if args.json else devices:
+            print(f"{d['device_id']:<24} {d['fingerprint']}  {d['options'] or '(no options)'}")
     return 0
 
 
@@ -342,7 +379,29 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--sftp-root", type=Path, default=None, help="read-only SFTP root (edge bundles)")
     sv.add_argument("--null-threshold", type=float, default=None, help="SQuAD 2.0 no-answer threshold")
     sv.add_argument("--max-batch", type=int, default=16)
+    sv.add_argument(
+        "--max-context-chars",
+        type=int,
+        default=MAX_CONTEXT_CHARS,
+        help="longer contexts are refused (too_large)",
+    )
+    sv.add_argument(
+        "--max-deadline-ms", type=int, default=MAX_SERVER_DEADLINE_MS, help="longer deadlines are cut to this"
+    )
     sv.set_defaults(func=_cmd_serve)
+
+    ks = sub.add_parser("keys", help="add, list or revoke devices in the server's authorized_keys")
+    ks.add_argument("action", choices=("add", "revoke", "list"))
+    ks.add_argument("--authorized-keys", type=Path, required=True, help="the file `elma serve` and sshd read")
+    ks.add_argument("--device", default=None, help="the device id (add, revoke)")
+    ks.add_argument(
+        "--public-key", default=None, help="the device's .pub file or its 'ssh-ed25519 AAAA...' line"
+    )
+    ks.add_argument("--sshd", action="store_true", help="add the options that restrict the key under OpenSSH")
+    ks.add_argument("--permit-open", default=None, help="with --sshd: the model service's HOST:PORT")
+    ks.add_argument("--sftp-root", type=Path, default=None, help="with --sshd: the bundles directory")
+    ks.add_argument("--json", action="store_true", help="list as JSON")
+    ks.set_defaults(func=_cmd_keys)
 
     pb = sub.add_parser(
         "publish", help="server: publish an edge bundle, or retrain it from offloaded questions"

@@ -179,7 +179,9 @@ def local_offload_server(
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     client_key = work / "edge_ed25519"
-    authorized = write_authorized_keys(work / "authorized_keys", [generate_ed25519_key(client_key)])
+    authorized = write_authorized_keys(  # the comment is the device id the server checks signatures for
+        work / "authorized_keys", [generate_ed25519_key(client_key)], comment="bench"
+    )
     host_key = work / "host_ed25519"
     generate_ed25519_key(host_key, comment="bench server")
     cmd = [sys.executable, "-m", "elma_utils.cli", "serve", "--model", str(model_dir),

@@ -320,25 +320,44 @@ def serve(
     sftp_root: str | Path | None = None,
     null_threshold: float | None = None,
     max_batch: int = 16,
+    max_context_chars: int = MAX_CONTEXT_CHARS,
+    max_deadline_ms: int = MAX_SERVER_DEADLINE_MS,
     ready: Callable[[str], None] = print,
     stop: threading.Event | None = None,
 ) -> None:
     """Load the model once, listen on loopback (and the SSH endpoint), serve until ``stop``
-    is set or SIGTERM/SIGINT. ``ready`` gets one line per listening address."""
+    is set or SIGTERM/SIGINT. ``ready`` gets one line per listening address.
+
+    With ``authorized_keys`` every ask must be signed by the key registered for its device
+    id (``device_identity``); give it also when devices come in through an sshd."""
     import signal
 
     if ssh_port is not None and (authorized_keys is None or host_key is None):
         raise ValueError("--ssh-port needs --authorized-keys FILE and --host-key FILE")
     if ssh_port is not None and unix_socket is not None:
         raise ValueError("the SSH endpoint forwards to a TCP port: drop --unix or --ssh-port")
+    registry = DeviceRegistry(authorized_keys) if authorized_keys is not None else None  # checks the file
     stop = stop or threading.Event()
     answerer = ModelAnswerer.load(model_dir, null_threshold)
-    server = OffloadServer(answerer, store_path, port=port, unix_socket=unix_socket, max_batch=max_batch)
+    server = OffloadServer(
+        answerer,
+        store_path,
+        port=port,
+        unix_socket=unix_socket,
+        max_batch=max_batch,
+        max_context_chars=max_context_chars,
+        max_deadline_ms=max_deadline_ms,
+        registry=registry,
+    )
     server.start()
     endpoint = None
     try:
         where = server.address if unix_socket is not None else f"127.0.0.1:{server.port}"
         ready(f"elma serve: model {answerer.model_version} listening on {where}")
+        if registry is None:
+            ready("elma serve: no --authorized-keys: device ids are taken on trust (local use only)")
+        else:
+            ready(f"elma serve: asks must be signed by one of {len(registry.devices())} registered devices")
         if ssh_port is not None:
             from elma_utils.offload.ssh_endpoint import SSHEndpoint
             from elma_utils.offload.ssh_keys import fingerprint, generate_ed25519_key, load_private_key

@@ -249,6 +249,11 @@ class SSHTunnelClient:
 
     # -- connection -------------------------------------------------------------------------------
     @property
+    def client_key(self) -> paramiko.PKey:
+        """The device's key: it logs in with it and signs its asks with it (``device_identity``)."""
+        return self._key
+
+    @property
     def name(self) -> str:
         return f"ssh://{self.user}@{known_hosts_name(self.host, self.port)}"
 
