@@ -172,7 +172,9 @@ class OffloadService:
         deadline_ms = min(req.deadline_ms or self.default_deadline_ms, self.max_deadline_ms)
         deadline = time.monotonic() + deadline_ms / 1000
         try:
-            ans = self.batcher.submit(req.question, context, deadline).result(timeout=deadline_ms / 1000)
+            ans = self.batcher.submit(req.question, context, deadline, device_id=req.device_id).result(
+                timeout=deadline_ms / 1000
+            )
         except (Overloaded, TimeoutError) as err:
             raise ProtocolError("overloaded", f"not answered within {deadline_ms} ms: {err}", req.id) from err
         reply = AnswerReply(
