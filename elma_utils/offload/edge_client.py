@@ -9,7 +9,9 @@
    is the answer (``source="server"``).
 3. If the server is unreachable, slow or refuses, the device's own best answer is returned
    marked ``edge-fallback``, and the request is kept in the outbox (SQLite) to be sent when
-   the server is back — so the server still learns from every hard question.
+   the server is back — so the server still learns from every hard question. If the outbox
+   cannot take it (disk full, read-only), the user still gets the answer (``queued`` False,
+   ``error`` says why) and the failure is logged.
 
 Contexts are sent once per connection: after the server has answered about a context, the
 device refers to it by sha256 (``context_ref``); an ``unknown_context`` reply (a restarted
@@ -19,7 +21,9 @@ or different server) makes it resend the text.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +40,8 @@ from elma_utils.offload.protocol import (
     encode,
 )
 from elma_utils.offload.ssh_client import OffloadUnavailable
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("edge", "server", "edge-fallback")
 
@@ -55,7 +61,8 @@ class EdgeQAResult:
     offload_ms: float = 0.0  # round trip, server time included
     server_ms: float = 0.0
     no_answer: bool = False
-    error: str | None = None  # why the server answer is missing (fallback)
+    error: str | None = None  # why the server answer is missing (fallback), and why not queued
+    queued: bool = False  # the request waits in the outbox to be sent later
     request_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -126,8 +133,7 @@ class EdgeQA:
             result.offload_ms = (time.perf_counter() - t1) * 1000
             result.source = "edge-fallback"
             result.error = f"{type(err).__name__}: {err}"
-            if self.outbox is not None:
-                self.outbox.put(request)
+            self._queue(request, result)
             return result
         result.offload_ms = (time.perf_counter() - t1) * 1000
         result.timings["offload_ms"] = result.offload_ms
@@ -136,9 +142,31 @@ class EdgeQA:
         result.no_answer = reply.no_answer
         result.char_start, result.char_end = reply.start, reply.end
         result.server_ms = reply.server_ms
-        if self.outbox is not None and len(self.outbox):
-            self.flush_outbox()  # the server is back: send what waited
+        self._flush_after_reply()
         return result
+
+    def _queue(self, request: AskRequest, result: EdgeQAResult) -> None:
+        """Keep ``request`` in the outbox; a failure to store it (disk full, read-only) is logged, never raised."""
+        if self.outbox is None:
+            return
+        try:
+            self.outbox.put(request)
+        except (sqlite3.Error, OSError, ValueError) as exc:  # ValueError: ProtocolError("too_large")
+            why = f"{type(exc).__name__}: {exc}"
+            log.error("request %s not queued in the outbox %s: %s", request.id, self.outbox.path, why)
+            result.error = f"{result.error}; not queued: {why}"
+            return
+        result.queued = True
+
+    def _flush_after_reply(self) -> None:
+        """The server is back: send what waited. A failing outbox must not cost the user the server's answer."""
+        if self.outbox is None:
+            return
+        try:
+            if len(self.outbox):
+                self.flush_outbox()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            log.error("outbox %s not drained: %s: %s", self.outbox.path, type(exc).__name__, exc)
 
     def send(self, request: AskRequest) -> AnswerReply:
         """One request → its ``AnswerReply`` (raises ``OffloadUnavailable``/``ProtocolError``)."""
@@ -157,18 +185,26 @@ class EdgeQA:
 
     def _exchange(self, request: AskRequest):
         timeout = (request.deadline_ms or self.deadline_ms) / 1000
-        return decode(self.tunnel.request_line(encode(request), timeout=timeout))
+        line = self.tunnel.request_line(encode(request), timeout=timeout)
+        try:
+            return decode(line)
+        except ProtocolError as err:  # the server's fault, not the request's: "internal", worth a retry
+            raise ProtocolError("internal", f"unreadable reply from the server ({err})", request.id) from err
 
     def _accept(self, request: AskRequest, reply) -> AnswerReply:
+        """The reply if it answers ``request``; an ``ErrorReply`` raises ``ProtocolError`` with the server's code.
+
+        That code tells the outbox whether to retry (``CLIENT_FAULT_CODES`` never are).
+        """
         if isinstance(reply, ErrorReply):
             raise ProtocolError(reply.code, f"server: {reply.message}", request.id)
         if not isinstance(reply, AnswerReply) or reply.id != request.id:
-            raise ProtocolError("bad_request", f"the server's reply does not answer {request.id}", request.id)
+            raise ProtocolError("internal", f"the server's reply does not answer {request.id}", request.id)
         self._known_contexts.add(request.ref if request.context is None else context_ref(request.context))
         return reply
 
     def flush_outbox(self, limit: int | None = None):
-        """Send questions kept while the server was away (oldest first; stops at a failure)."""
+        """Send questions kept while the server was away (oldest first; see ``Outbox.drain``)."""
         if self.outbox is None:
             return None
         return self.outbox.drain(self.send, limit)
