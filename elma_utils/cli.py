@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from elma_utils.config import PROFILES
-from elma_utils.offload.server import MAX_CONTEXT_CHARS, MAX_SERVER_DEADLINE_MS
+from elma_utils.offload.server import DEFAULT_SERVICE_PORT, MAX_CONTEXT_CHARS, MAX_SERVER_DEADLINE_MS
 
 PROFILE_NAMES = " | ".join(PROFILES)
 
@@ -164,6 +164,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.store,
         port=args.port,
         unix_socket=args.unix,
+        service_port=args.service_port,
         ssh_port=args.ssh_port,
         authorized_keys=args.authorized_keys,
         host_key=args.host_key,
@@ -371,7 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="answer offloaded questions (loopback only; devices come in over SSH)")
     sv.add_argument("--model", type=Path, required=True, help="the full model's artifact directory")
     sv.add_argument("--store", type=Path, default=Path("server/hard-questions.sqlite3"))
-    sv.add_argument("--port", type=int, default=0, help="loopback TCP port (0: any free one, printed)")
+    sv.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="loopback TCP port (0: any free one, printed); default: a Unix socket behind --ssh-port, else any free port",
+    )
+    sv.add_argument(
+        "--service-port",
+        type=int,
+        default=DEFAULT_SERVICE_PORT,
+        help="with a Unix socket behind --ssh-port: the 127.0.0.1 port devices name in their forwards",
+    )
     sv.add_argument("--unix", default=None, help="listen on this Unix socket instead of TCP")
     sv.add_argument("--ssh-port", type=int, default=None, help="also run ELMA's own SSH endpoint here")
     sv.add_argument("--authorized-keys", type=Path, default=None, help="client keys the endpoint accepts")

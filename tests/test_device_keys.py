@@ -96,3 +96,14 @@ def test_revoke_removes_only_that_device(tmp_path, device_keys):
     assert revoke_device(ak, "tx2-01") == 0
     assert ak.read_text().splitlines()[0] == "# the administrator's own note"
     assert [d["device_id"] for d in list_devices(ak)] == ["tx2-02"]
+
+
+def test_an_administrators_file_mode_is_kept(tmp_path, device_keys):
+    """sshd reads the file as the device account, so an administrator may have made it 0644."""
+    ak = tmp_path / "authorized_keys"
+    add_device(ak, "tx2-01", tmp_path / "tx2-01.pub")
+    assert ak.stat().st_mode & 0o777 == 0o600
+    ak.chmod(0o644)
+    add_device(ak, "tx2-02", tmp_path / "tx2-02.pub")
+    revoke_device(ak, "tx2-01")
+    assert ak.stat().st_mode & 0o777 == 0o644

@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from elma_utils.offload import publish
 from elma_utils.offload.ssh_client import SSHTunnelClient
 from elma_utils.offload.ssh_endpoint import SSHEndpoint
 from elma_utils.offload.ssh_keys import generate_ed25519_key, load_private_key
-from elma_utils.offload.sshd import SSHD_BINARY, start_sshd
+from elma_utils.offload.sshd import SSHD_BINARY, make_chroot_parent, start_sshd
 from elma_utils.offload.sync import (
     LATEST_NAME,
     VERSION_RE,
@@ -308,15 +309,20 @@ def test_sync_through_elma_endpoint(server, keys, tmp_path):
 @needs_sshd
 def test_sync_through_openssh_sshd(server, keys, tmp_path):
     local = installed_from(server, tmp_path, "v1")
-    sshd = start_sshd(
-        tmp_path / "sshd", authorized_keys_path=keys.authorized_keys, sftp_root=view(server, tmp_path, "v2")
-    )
-    pin(keys.known_hosts, sshd.port, sshd.host_key)
+    # sshd chroots the devices' SFTP: the view must sit in root-owned 0755 directories, not /tmp
+    parent = make_chroot_parent(prefix="elma-test-sync-")
     try:
-        with client(keys, sshd.port, user=getpass.getuser()) as ssh:
-            seconds = check_fetch(ssh, local, server)
+        sshd = start_sshd(
+            tmp_path / "sshd", authorized_keys_path=keys.authorized_keys, sftp_root=view(server, parent, "v2")
+        )
+        pin(keys.known_hosts, sshd.port, sshd.host_key)
+        try:
+            with client(keys, sshd.port, user=getpass.getuser()) as ssh:
+                seconds = check_fetch(ssh, local, server)
+        finally:
+            sshd.stop()
     finally:
-        sshd.stop()
+        shutil.rmtree(parent)
     print(f"\nsync of {server['v2']} through OpenSSH sshd: {seconds:.2f} s")
 
 

@@ -66,7 +66,7 @@ class _ScriptedTunnel:
 def test_errors_and_mismatched_replies_are_counted_not_timed():
     tunnels: list[_ScriptedTunnel] = []
 
-    def make_tunnel() -> _ScriptedTunnel:
+    def make_tunnel(device_id: str) -> _ScriptedTunnel:
         tunnels.append(_ScriptedTunnel(warmup=1))
         return tunnels[-1]
 
@@ -103,8 +103,8 @@ def test_1_4_8_clients_each_on_its_own_connection(tmp_path, minilm_tokenizer, de
         tunnels: list[SSHTunnelClient] = []
         make_tunnel = dep.make_tunnel
 
-        def counted_tunnel() -> SSHTunnelClient:
-            tunnels.append(make_tunnel())
+        def counted_tunnel(device_id: str) -> SSHTunnelClient:
+            tunnels.append(make_tunnel(device_id))
             return tunnels[-1]
 
         dep.make_tunnel = counted_tunnel  # see every connection the benchmark opens

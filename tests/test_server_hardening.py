@@ -252,3 +252,105 @@ def test_a_reused_request_id_with_other_content_is_a_conflict(answerer, devices,
         row = store.offload(1)
     assert stats.offloads == 1 and stats.retries == 1
     assert row["question"] == "Which river flows through Paris?"  # the first text stands
+
+
+# ------------------------------------------------------------------ `elma serve` as an administrator runs it
+
+
+def _serve_behind_endpoint(model_dir, work):
+    """``elma serve --ssh-port 0`` in its own process; returns (process, ssh port, service port)."""
+    import re
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elma_utils.cli", "serve", "--model", str(model_dir),
+         "--store", str(work / "server" / "hard.sqlite3"), "--ssh-port", "0",
+         "--authorized-keys", str(work / "authorized_keys"), "--host-key", str(work / "host_ed25519")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    lines = []
+    while not any("devices forward to" in line for line in lines):
+        line = proc.stdout.readline()
+        assert line, f"elma serve exited: {lines}"
+        lines.append(line)
+    m = re.search(r"SSH endpoint on 127\.0\.0\.1:(\d+).*devices forward to 127\.0\.0\.1:(\d+)", lines[-1])
+    return proc, int(m.group(1)), int(m.group(2)), lines
+
+
+def test_elma_serve_behind_its_endpoint_binds_no_tcp_service_and_checks_who_asks(
+    model_dir, tmp_path, minilm_tokenizer
+):
+    """The service sits on a 0600 Unix socket (no TCP port another local user could reach);
+    a registered device is answered; a device signing as another is refused and its outbox
+    sets the question aside; `elma keys revoke` cuts the device off on its live connection."""
+    import os
+    import sys
+
+    from qa_fixtures import write_tiny_bundle
+
+    from elma_utils.export.edge_runtime import EdgeModel
+    from elma_utils.offload.device_keys import add_device
+    from elma_utils.offload.edge_client import EdgeQA
+    from elma_utils.offload.outbox import Outbox
+    from elma_utils.offload.ssh_client import SSHTunnelClient
+    from elma_utils.offload.ssh_keys import add_known_host, load_private_key
+
+    for name in ("tx2-a", "tx2-b"):
+        generate_ed25519_key(tmp_path / name, comment=name)
+        add_device(tmp_path / "authorized_keys", name, tmp_path / f"{name}.pub")
+    generate_ed25519_key(tmp_path / "host_ed25519")
+    proc, ssh_port, service_port, lines = _serve_behind_endpoint(model_dir, tmp_path)
+    try:
+        sock = tmp_path / "server" / "elma-service.sock"
+        assert any(str(sock) in line for line in lines), lines
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        ours = [line for line in listening.splitlines() if f"pid={proc.pid}," in line]
+        assert len(ours) == 1 and f":{ssh_port} " in ours[0], ours  # the SSH endpoint, nothing else
+
+        known = add_known_host(
+            tmp_path / "known_hosts", "127.0.0.1", ssh_port, load_private_key(tmp_path / "host_ed25519")
+        )
+        bundle = EdgeModel.load(write_tiny_bundle(tmp_path / "edge", minilm_tokenizer, -1.0))  # never settles
+
+        def device(key: str, claims: str) -> EdgeQA:
+            tunnel = SSHTunnelClient(
+                "127.0.0.1", ssh_port, "elma", tmp_path / key, known, ("127.0.0.1", service_port), timeout=10
+            )
+            return EdgeQA(
+                bundle,
+                tunnel,
+                Outbox(tmp_path / f"outbox-{key}.sqlite3"),
+                device_id=claims,
+                deadline_ms=10_000,
+            )
+
+        genuine, impostor = device("tx2-a", "tx2-a"), device("tx2-b", "tx2-a")
+        ok = genuine.answer("Which river flows through Paris?", CONTEXT)
+        assert ok.source == "server", ok.error
+        forged = impostor.answer("Which river flows through Paris?", CONTEXT)
+        assert forged.source == "edge-fallback" and "forbidden" in forged.error
+        impostor.flush_outbox()
+        (aside,) = impostor.outbox.dead()
+        assert "forbidden" in aside.last_error and len(impostor.outbox) == 0
+
+        done = subprocess.run(
+            [sys.executable, "-m", "elma_utils.cli", "keys", "revoke", "--authorized-keys", str(tmp_path / "authorized_keys"), "--device", "tx2-a"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 10
+        while genuine.tunnel.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not genuine.tunnel.is_connected(), "the revoked device's connection is still open"
+        after = genuine.answer("Which river is the longest in France?", CONTEXT)
+        assert after.source == "edge-fallback"
+        for qa in (genuine, impostor):
+            qa.tunnel.close()
+            qa.outbox.close()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    with HardQuestionStore(tmp_path / "server" / "hard.sqlite3") as store:
+        assert store.stats().offloads == 1  # only the genuine ask
+    assert not os.path.exists(sock)  # removed on a clean shutdown

@@ -4,6 +4,7 @@ the real ssh client, and a line-echo service standing in for the QA server."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import threading
 import time
@@ -30,7 +31,7 @@ from elma_utils.offload.ssh_keys import (
     load_private_key,
     load_public_key,
 )
-from elma_utils.offload.sshd import free_loopback_port, ssh_binary, start_sshd
+from elma_utils.offload.sshd import free_loopback_port, make_chroot_parent, ssh_binary, start_sshd
 
 needs_ssh = pytest.mark.skipif(ssh_binary() is None, reason="OpenSSH client not installed")
 BUNDLE = b"edge model bundle v1\n" + bytes(range(256)) * 300  # ~77 kB with every byte value
@@ -50,11 +51,16 @@ def keys(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    (root / "v1").mkdir()
+def bundle_dir():
+    # sshd chroots the devices' SFTP to this root: it must sit in root-owned 0755 directories
+    # (not under /tmp, 1777), so it goes in one under /var/lib made here and removed afterwards.
+    parent = make_chroot_parent(prefix="elma-test-bundles-")
+    root = parent / "bundles"
+    (root / "v1").mkdir(parents=True)
+    root.chmod(0o755)
     (root / "v1" / "model.tflite").write_bytes(BUNDLE)
-    return root
+    yield root
+    shutil.rmtree(parent)
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,7 @@ class OffloadLink:
         )
 
 
-_LISTEN = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+_LISTEN = re.compile(r"devices forward to 127\.0\.0\.1:(\d+)")
 _SSH = re.compile(r"SSH endpoint on 127\.0\.0\.1:(\d+)")
 
 
@@ -184,6 +184,8 @@ def local_offload_server(
     )
     host_key = work / "host_ed25519"
     generate_ed25519_key(host_key, comment="bench server")
+    # A TCP service port (not the Unix socket `elma serve --ssh-port` prefers): the benchmark
+    # compares the SSH link with plain TCP to the same service.
     cmd = [sys.executable, "-m", "elma_utils.cli", "serve", "--model", str(model_dir),
            "--store", str(work / "hard-questions.sqlite3"), "--port", "0", "--ssh-port", "0",
            "--authorized-keys", str(authorized), "--host-key", str(host_key)]  # fmt: skip

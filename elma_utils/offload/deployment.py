@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from elma_utils.offload.device_identity import DeviceRegistry
 from elma_utils.offload.edge_client import EdgeQA
 from elma_utils.offload.outbox import Outbox
 from elma_utils.offload.server import ModelAnswerer, OffloadServer
@@ -66,8 +67,8 @@ class LoopbackDeployment:
         self.client_key = keys / "edge_ed25519"
         if not self.client_key.is_file():
             generate_ed25519_key(self.client_key, comment=self.device_id)
-        self.authorized_keys = write_authorized_keys(
-            keys / "authorized_keys", [load_private_key(self.client_key)]
+        self.authorized_keys = write_authorized_keys(  # the comment names the device (device_identity)
+            keys / "authorized_keys", [load_private_key(self.client_key)], comment=self.device_id
         )
         self.host_key = keys / "server_host_ed25519"
         if not self.host_key.is_file():
@@ -81,7 +82,11 @@ class LoopbackDeployment:
 
         self._keys()
         answerer = ModelAnswerer.load(self.model_dir, self.null_threshold)
-        self.server = OffloadServer(answerer, self.work / "server" / "hard-questions.sqlite3").start()
+        self.server = OffloadServer(
+            answerer,
+            self.work / "server" / "hard-questions.sqlite3",
+            registry=DeviceRegistry(self.authorized_keys),  # asks must be signed by the device's key
+        ).start()
         target = ("127.0.0.1", self.server.port)
         if self.way_in == "endpoint":
             from elma_utils.offload.ssh_endpoint import SSHEndpoint
@@ -93,9 +98,12 @@ class LoopbackDeployment:
         else:
             from elma_utils.offload.sshd import start_sshd
 
+            # authorized_keys is rewritten with the device's restricted line (device_key_options):
+            # forward to the server, read the bundles over chrooted SFTP, nothing else.
             self.sshd = start_sshd(
                 self.work / "sshd",
                 authorized_keys_path=self.authorized_keys,
+                device_keys={self.device_id: load_private_key(self.client_key)},
                 host_key_path=self.host_key,
                 permit_open=target,
                 sftp_root=self.sftp_root,
@@ -114,17 +122,29 @@ class LoopbackDeployment:
         )
         return self
 
-    def make_tunnel(self) -> SSHTunnelClient:
-        """A new (unconnected) tunnel client with the deployment's key and pinned host key."""
+    def make_tunnel(self, device_id: str | None = None) -> SSHTunnelClient:
+        """A new (unconnected) tunnel client with the pinned host key and the key of
+        ``device_id`` (default: the deployment's device), made and registered when new."""
+        key = self.client_key if device_id in (None, self.device_id) else self._device_key(device_id)
         return SSHTunnelClient(
             "127.0.0.1",
             self.ssh_port,
             getpass.getuser(),
-            self.client_key,
+            key,
             self.known_hosts,
             ("127.0.0.1", self.server.port),
             timeout=max(10.0, self.deadline_ms / 1000),
         )
+
+    def _device_key(self, device_id: str) -> Path:
+        """Another device's key file, registered in authorized_keys under its id (device_keys)."""
+        from elma_utils.offload.device_keys import add_device
+
+        key = self.work / "keys" / f"device-{device_id}_ed25519"
+        if not key.is_file():
+            generate_ed25519_key(key, comment=device_id)
+            add_device(self.authorized_keys, device_id, f"{key}.pub")
+        return key
 
     def round_trips(self, lines: int = 300, new_connection_lines: int = 20) -> dict:
         """Round trip of a ping (no model time) over the persistent SSH channel, a channel

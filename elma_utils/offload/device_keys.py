@@ -106,4 +106,5 @@ def _device_of(line: str) -> str | None:
 
 def _write(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, "".join(line + "\n" for line in lines).encode(), mode=0o600)
+    mode = None if path.exists() else 0o600  # keep a mode the administrator chose (sshd may need 0644)
+    write_bytes_atomic(path, "".join(line + "\n" for line in lines).encode(), mode=mode)

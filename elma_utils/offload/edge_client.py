@@ -20,6 +20,7 @@ or different server) makes it resend the text.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -28,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from elma_utils.offload.device_identity import sign_request
 from elma_utils.offload.outbox import Outbox
 from elma_utils.offload.protocol import (
     AnswerReply,
@@ -83,9 +85,14 @@ class EdgeQA:
         device_id: str = "edge",
         deadline_ms: int = 2000,
         model_version: str | None = None,
+        signer=None,
     ):
+        """``signer``: the device's private key, which signs every ask so the server can tell
+        it really comes from ``device_id`` (``device_identity``); by default the key the
+        tunnel logs in with."""
         self.edge = edge_model
         self.tunnel = tunnel
+        self.signer = signer if signer is not None else getattr(tunnel, "client_key", None)
         self.outbox = outbox
         self.device_id = device_id
         self.deadline_ms = int(deadline_ms)
@@ -172,11 +179,13 @@ class EdgeQA:
         """One request → its ``AnswerReply`` (raises ``OffloadUnavailable``/``ProtocolError``)."""
         if self.tunnel is None:
             raise OffloadUnavailable("no server configured (offline device)")
+        if request.sig is None and self.signer is not None:  # also what an older outbox kept unsigned
+            request = sign_request(request, self.signer)
         ref = request.ref
         if request.context is not None and ref in self._known_contexts:
-            short = AskRequest(
-                request.id, request.device_id, request.question, request.edge, None, ref, request.deadline_ms
-            )
+            short = dataclasses.replace(
+                request, context=None, context_ref=ref
+            )  # same content, same signature
             reply = self._exchange(short)
             if not (isinstance(reply, ErrorReply) and reply.code == "unknown_context"):
                 return self._accept(request, reply)

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_CONTEXT_CHARS = 50_000  # ≈ 12 windows of 384 tokens: about a second of the CPU model
 MAX_SERVER_DEADLINE_MS = 60_000  # longer deadlines are cut to this
+DEFAULT_SERVICE_PORT = 7433  # the address devices forward to when the service is a Unix socket
 LISTEN_BACKLOG = 256  # socketserver's default of 5 dropped asks when 200 devices came at once
 
 
@@ -268,9 +269,17 @@ class OffloadServer:
         self.service = OffloadService(answerer, self.store, **service_options)
         if unix_socket is not None:
             path = Path(unix_socket)
+            if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, the final NUL included
+                raise ValueError(
+                    f"Unix socket path {path} is too long for the kernel (max 107 bytes); choose a shorter --unix"
+                )
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            self._server: socketserver.BaseServer = _UnixServer(str(path), _Handler)
+            old_umask = os.umask(0o177)  # created 0600: no moment in which another user could connect
+            try:
+                self._server: socketserver.BaseServer = _UnixServer(str(path), _Handler)
+            finally:
+                os.umask(old_umask)
             os.chmod(path, 0o600)  # only this user may talk to it
         else:
             self._server = _TCPServer((host, port), _Handler)
@@ -314,9 +323,10 @@ def serve(
     model_dir: str | Path,
     store_path: str | Path,
     *,
-    port: int = 0,
+    port: int | None = None,
     unix_socket: str | Path | None = None,
     ssh_port: int | None = None,
+    service_port: int = DEFAULT_SERVICE_PORT,
     authorized_keys: str | Path | None = None,
     host_key: str | Path | None = None,
     sftp_root: str | Path | None = None,
@@ -331,20 +341,28 @@ def serve(
     is set or SIGTERM/SIGINT. ``ready`` gets one line per listening address.
 
     With ``authorized_keys`` every ask must be signed by the key registered for its device
-    id (``device_identity``); give it also when devices come in through an sshd."""
+    id (``device_identity``); give it also when devices come in through an sshd.
+
+    Behind ELMA's SSH endpoint (``ssh_port``) the service listens on a Unix socket (mode
+    0600, beside the store) unless ``port`` or ``unix_socket`` says otherwise: then no other
+    local user can reach it unauthenticated over TCP. Devices still name a TCP address in
+    their forwards, ``127.0.0.1:service_port``; the endpoint connects it to the socket."""
     import signal
 
     if ssh_port is not None and (authorized_keys is None or host_key is None):
         raise ValueError("--ssh-port needs --authorized-keys FILE and --host-key FILE")
-    if ssh_port is not None and unix_socket is not None:
-        raise ValueError("the SSH endpoint forwards to a TCP port: drop --unix or --ssh-port")
+    if port is not None and unix_socket is not None:
+        raise ValueError("listen on a TCP --port or a --unix socket, not both")
+    if ssh_port is not None and port is None and unix_socket is None:
+        unix_socket = Path(store_path).resolve().parent / "elma-service.sock"
+        Path(unix_socket).parent.mkdir(parents=True, exist_ok=True)
     registry = DeviceRegistry(authorized_keys) if authorized_keys is not None else None  # checks the file
     stop = stop or threading.Event()
     answerer = ModelAnswerer.load(model_dir, null_threshold)
     server = OffloadServer(
         answerer,
         store_path,
-        port=port,
+        port=port or 0,
         unix_socket=unix_socket,
         max_batch=max_batch,
         max_context_chars=max_context_chars,
@@ -366,16 +384,19 @@ def serve(
 
             if not Path(host_key).is_file():
                 generate_ed25519_key(Path(host_key), comment="elma-serve host key")
+            target = server.address if unix_socket is not None else ("127.0.0.1", server.port)
             endpoint = SSHEndpoint(
                 host_key,
                 authorized_keys,
-                ("127.0.0.1", server.port),
+                target,
                 port=ssh_port,
                 sftp_root=sftp_root,
+                advertised_port=service_port if unix_socket is not None else None,
             ).start()
             ready(
                 f"elma serve: SSH endpoint on 127.0.0.1:{endpoint.port} "
-                f"(host key {fingerprint(load_private_key(Path(host_key)))})"
+                f"(host key {fingerprint(load_private_key(Path(host_key)))}); "
+                f"devices forward to {endpoint.advertised[0]}:{endpoint.advertised[1]}"
             )
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (tests): rely on `stop`

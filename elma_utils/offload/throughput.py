@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from elma_utils.offload.device_identity import sign_request
 from elma_utils.offload.protocol import (
     AnswerReply,
     AskRequest,
@@ -106,8 +107,12 @@ def _run_client(
     on_reply: OnReply | None,
     run: _ClientRun,
 ) -> None:
-    """Connect and warm up, wait for the other clients, then send ``timed`` one by one."""
+    """Sign with the tunnel's key, connect and warm up, wait for the other clients, then send
+    ``timed`` one by one."""
     ready = True
+    key = getattr(tunnel, "client_key", None)
+    if key is not None:  # a server with a device registry answers only signed asks
+        warmup, timed = ([sign_request(r, key) for r in part] for part in (warmup, timed))
     try:
         tunnel.connect()
         for request in warmup:
@@ -170,7 +175,7 @@ def _requests(
 
 
 def _measure_clients(
-    make_tunnel: Callable[[], SSHTunnelClient],
+    make_tunnel: Callable[[str], SSHTunnelClient],
     questions: Sequence[tuple[str, str]],
     n: int,
     per_client: int,
@@ -197,8 +202,8 @@ def _measure_clients(
     tunnels: list[SSHTunnelClient] = []
     try:
         threads = []
-        for client_asks, run in zip(asks, runs, strict=True):
-            tunnels.append(make_tunnel())
+        for k, (client_asks, run) in enumerate(zip(asks, runs, strict=True)):
+            tunnels.append(make_tunnel(f"{device_prefix}-{k}"))
             args = (
                 tunnels[-1],
                 client_asks[:warmup],
@@ -240,7 +245,7 @@ def _measure_clients(
 
 
 def measure_server_throughput(
-    make_tunnel: Callable[[], SSHTunnelClient],
+    make_tunnel: Callable[[str], SSHTunnelClient],
     questions: Sequence[tuple[str, str]],
     clients: Sequence[int] = (1, 4, 8),
     *,
@@ -252,8 +257,8 @@ def measure_server_throughput(
 ) -> dict[int, Throughput]:
     """Throughput and latency percentiles for each client count in ``clients``.
 
-    ``make_tunnel`` builds a new, unconnected client (one SSH connection per simulated
-    device); ``questions`` are (question, context) pairs, client ``k`` of ``N`` starting at
+    ``make_tunnel(device_id)`` builds a new, unconnected client for simulated device
+    ``device_id`` (one SSH connection per device; its key signs that device's asks); ``questions`` are (question, context) pairs, client ``k`` of ``N`` starting at
     ``k * (len(questions) // N)``. Each client first sends ``warmup`` untimed requests
     (connection, channel and server warm), then ``per_client`` timed ones. ``on_reply`` is
     called with every matched answer from the client threads, after that round trip's own
