@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from elma_utils.config import PROFILES
-from elma_utils.offload.server import DEFAULT_SERVICE_PORT, MAX_CONTEXT_CHARS, MAX_SERVER_DEADLINE_MS
+from elma_utils.server.service import DEFAULT_SERVICE_PORT, MAX_CONTEXT_CHARS, MAX_SERVER_DEADLINE_MS
 
 PROFILE_NAMES = " | ".join(PROFILES)
 
@@ -104,16 +104,16 @@ def _answerer(args: argparse.Namespace):
         from elma_utils.model.inference import QAModel
 
         return QAModel.load(args.model)
-    from elma_utils.export.edge_runtime import EdgeModel
+    from elma_utils.edge.runtime import EdgeModel
 
     edge = EdgeModel.load(args.bundle)
     if args.ssh_port is None:
         return edge
     import getpass
 
-    from elma_utils.offload.edge_client import EdgeQA
-    from elma_utils.offload.outbox import Outbox
-    from elma_utils.offload.ssh_client import SSHTunnelClient
+    from elma_utils.edge.client import EdgeQA
+    from elma_utils.edge.outbox import Outbox
+    from elma_utils.edge.ssh_client import SSHTunnelClient
 
     missing = [n for n in ("key", "known_hosts", "service_port") if getattr(args, n) is None]
     if missing:
@@ -157,7 +157,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from elma_utils.offload.server import serve
+    from elma_utils.server.service import serve
 
     serve(
         args.model,
@@ -179,7 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from elma_utils.offload import device_keys
+    from elma_utils.server import device_keys
 
     if args.action in ("add", "revoke") and args.device is None:
         raise ValueError(f"elma keys {args.action} needs --device ID")
@@ -188,7 +188,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "add":
         options = ""
         if args.sshd:
-            from elma_utils.offload.sshd import device_key_options
+            from elma_utils.server.sshd import device_key_options
 
             if args.permit_open is None:
                 raise ValueError("--sshd needs --permit-open HOST:PORT (the model service's address)")
@@ -213,7 +213,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from elma_utils.offload import publish
+    from elma_utils.server import publish
 
     if args.what == "bundle":
         print(publish.publish_bundle(args.bundle, args.server_root, exits_dir=args.exits))
@@ -241,7 +241,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from elma_utils.offload import sync
+    from elma_utils.edge import sync
 
     if args.rollback:
         print(f"current: {sync.rollback(args.local_root)}")
@@ -252,7 +252,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     if args.from_dir is not None:
         result = sync.sync_bundle(sync.LocalTree(args.from_dir), ".", args.local_root, **options)
     else:
-        from elma_utils.offload.ssh_client import SSHTunnelClient
+        from elma_utils.edge.ssh_client import SSHTunnelClient
 
         missing = [n for n in ("host", "port", "key", "known_hosts") if getattr(args, n) is None]
         if missing:

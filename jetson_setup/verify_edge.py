@@ -61,7 +61,7 @@ def version_mismatches(found: dict, expect_python: str | None, expect: list[str]
 def answer_sample(bundle: str, question: str, context: str, repeat: int, energy_source: str) -> dict:
     """Load the bundle (verified), answer once to warm up, then ``repeat`` times measured."""
     from elma_utils.bench.energy import EnergyMeter
-    from elma_utils.export.edge_runtime import EdgeModel, interpreter_class
+    from elma_utils.edge.runtime import EdgeModel, interpreter_class
 
     model = EdgeModel.load(bundle)
     first = model.answer(question, context)

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from elma_utils.offload.protocol import AnswerReply, AskRequest, EdgeResult
+from elma_utils.edge.protocol import AnswerReply, AskRequest, EdgeResult
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXTS = (

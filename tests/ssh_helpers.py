@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from elma_utils.offload.ssh_keys import add_known_host, generate_ed25519_key, write_authorized_keys
-from elma_utils.offload.sshd import free_loopback_port
+from elma_utils.edge.ssh_keys import add_known_host, generate_ed25519_key, write_authorized_keys
+from elma_utils.server.sshd import free_loopback_port
 
 
 class _EchoHandler(socketserver.StreamRequestHandler):

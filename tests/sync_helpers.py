@@ -7,15 +7,15 @@ import json
 import shutil
 from pathlib import Path
 
-from elma_utils.offload.protocol import AnswerReply, AskRequest, EdgeResult
-from elma_utils.offload.sync import LATEST_NAME, parse_latest
+from elma_utils.edge.protocol import AnswerReply, AskRequest, EdgeResult
+from elma_utils.edge.sync import LATEST_NAME, parse_latest
 
 
 def fill_store(store_path: Path, examples: list, server_model_dir: Path, edge_bundle: Path) -> int:
     """Offload every example: the edge bundle answers first, the server's QAModel answers and is stored."""
-    from elma_utils.export.edge_runtime import EdgeModel
-    from elma_utils.offload.server import ModelAnswerer
-    from elma_utils.offload.store import HardQuestionStore
+    from elma_utils.edge.runtime import EdgeModel
+    from elma_utils.server.service import ModelAnswerer
+    from elma_utils.server.store import HardQuestionStore
 
     server = ModelAnswerer.load(server_model_dir)
     edge = EdgeModel.load(edge_bundle)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from elma_utils.offload.batcher import MicroBatcher, Overloaded, ServerAnswer
-from elma_utils.offload.protocol import AnswerReply, AskRequest, EdgeResult, decode, encode
-from elma_utils.offload.server import MAX_CONTEXT_CHARS, ModelAnswerer, OffloadServer
+from elma_utils.edge.protocol import AnswerReply, AskRequest, EdgeResult, decode, encode
+from elma_utils.server.batcher import MicroBatcher, Overloaded, ServerAnswer
+from elma_utils.server.service import MAX_CONTEXT_CHARS, ModelAnswerer, OffloadServer
 
 DEADLINE_S = 2.0
 LIGHT_CHARS = 800  # about one SQuAD context

@@ -26,7 +26,7 @@ from elma_utils.bench.harness import (
     stage_names,
 )
 from elma_utils.early_exit.policies import NeverExit
-from elma_utils.export.edge_runtime import EdgeModel
+from elma_utils.edge.runtime import EdgeModel
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 RUNS, SPOKEN, TYPED = 2, 2, 4

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from elma_utils.offload.device_identity import DeviceRegistry
-from elma_utils.offload.device_keys import add_device, list_devices, revoke_device
-from elma_utils.offload.ssh_keys import fingerprint, generate_ed25519_key, load_authorized_keys
+from elma_utils.edge.identity import DeviceRegistry
+from elma_utils.edge.ssh_keys import fingerprint, generate_ed25519_key, load_authorized_keys
+from elma_utils.server.device_keys import add_device, list_devices, revoke_device
 
 
 def elma(*args: str) -> subprocess.CompletedProcess:

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 
-from elma_utils.early_exit.policies import EntropyPolicy
-from elma_utils.model.inference import QAModel
-from elma_utils.offload.deployment import LoopbackDeployment
-from elma_utils.offload.end_to_end import (
+from elma_utils.bench.end_to_end import (
     ask_all,
     ask_held_out,
     end_to_end_summary,
     full_model_answers,
     write_end_to_end_predictions,
 )
+from elma_utils.bench.loopback import LoopbackDeployment
+from elma_utils.early_exit.policies import EntropyPolicy
+from elma_utils.model.inference import QAModel
 from elma_utils.squad.metrics import per_question_scores, score_predictions
 
 pytestmark = pytest.mark.network

@@ -13,8 +13,8 @@ import pytest
 
 from elma_utils.early_exit.policies import EntropyPolicy, NeverExit
 from elma_utils.early_exit.runtime import EarlyExitRunner
+from elma_utils.edge.runtime import EdgeModel
 from elma_utils.export.bundle import BundleError, verify_bundle, write_bundle
-from elma_utils.export.edge_runtime import EdgeModel
 from elma_utils.model.backbones import TINY_BERT, build_bert_backbone
 from elma_utils.model.multi_exit import MultiExitQAModel
 from elma_utils.model.qa_model import SpanQAModel
@@ -241,7 +241,7 @@ def test_edge_answers_text_without_importing_keras_or_tensorflow(setup, bundles)
     ex = examples[0]
     code = (
         "import sys, json\n"
-        "from elma_utils.export.edge_runtime import EdgeModel\n"
+        "from elma_utils.edge.runtime import EdgeModel\n"
         "edge = EdgeModel.load(sys.argv[1])\n"
         "a = edge.answer(sys.argv[2], sys.argv[3])\n"
         "heavy = sorted(m for m in ('tensorflow', 'keras', 'keras_hub', 'tensorflow_text') if m in sys.modules)\n"
@@ -261,7 +261,7 @@ def test_edge_answers_text_without_importing_keras_or_tensorflow(setup, bundles)
 def test_albert_exports_one_shared_part_per_group(tmp_path):
     import keras_hub
 
-    from elma_utils.export.edge_runtime import LitePart
+    from elma_utils.edge.runtime import LitePart
     from elma_utils.export.litert_parts import export_parts, part_specs
 
     keras.utils.set_random_seed(1)

@@ -23,14 +23,10 @@ from ssh_helpers import make_keys, pin
 from sync_helpers import file_entry, fill_store, republish_manifest, server_view
 
 from elma_utils.early_exit.experiment import load_exits_model_from
-from elma_utils.export.bundle import verify_bundle, write_bundle
-from elma_utils.export.edge_runtime import EdgeModel
-from elma_utils.offload import publish
-from elma_utils.offload.ssh_client import SSHTunnelClient
-from elma_utils.offload.ssh_endpoint import SSHEndpoint
-from elma_utils.offload.ssh_keys import generate_ed25519_key, load_private_key
-from elma_utils.offload.sshd import SSHD_BINARY, make_chroot_parent, start_sshd
-from elma_utils.offload.sync import (
+from elma_utils.edge.runtime import EdgeModel
+from elma_utils.edge.ssh_client import SSHTunnelClient
+from elma_utils.edge.ssh_keys import generate_ed25519_key, load_private_key
+from elma_utils.edge.sync import (
     LATEST_NAME,
     VERSION_RE,
     LocalTree,
@@ -46,6 +42,10 @@ from elma_utils.offload.sync import (
     sync_with_client,
     version_serial,
 )
+from elma_utils.export.bundle import verify_bundle, write_bundle
+from elma_utils.server import publish
+from elma_utils.server.ssh_endpoint import SSHEndpoint
+from elma_utils.server.sshd import SSHD_BINARY, make_chroot_parent, start_sshd
 from elma_utils.squad.data import examples_to_squad_json
 
 SEQ, STRIDE, QUERY = 96, 48, 24
@@ -241,7 +241,7 @@ def test_retrained_edge_gets_its_own_e_t_from_calibration_questions(server, dev_
 
 
 def test_retrain_without_stored_questions_keeps_the_current_version(server, tmp_path):
-    from elma_utils.offload.store import HardQuestionStore
+    from elma_utils.server.store import HardQuestionStore
 
     HardQuestionStore(tmp_path / "empty.sqlite3").close()
     before = (publish.bundles_dir(server["root"]) / LATEST_NAME).read_bytes()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 
-from elma_utils.offload.deployment import LoopbackDeployment
+from elma_utils.bench.loopback import LoopbackDeployment
 
 pytestmark = pytest.mark.network
 

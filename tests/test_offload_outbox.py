@@ -10,13 +10,13 @@ import threading
 import pytest
 from offload_helpers import make_answer, make_ask, run_until_killed
 
-from elma_utils.offload.outbox import (
+from elma_utils.edge.outbox import (
     DEFAULT_MAX_ATTEMPTS,
     OUTBOX_APPLICATION_ID,
     Outbox,
     describe_outbox,
 )
-from elma_utils.offload.protocol import (
+from elma_utils.edge.protocol import (
     CLIENT_FAULT_CODES,
     ERROR_CODES,
     ErrorReply,
@@ -24,8 +24,8 @@ from elma_utils.offload.protocol import (
     decode,
     encode,
 )
-from elma_utils.offload.ssh_client import OffloadUnavailable
-from elma_utils.offload.store import HardQuestionStore
+from elma_utils.edge.ssh_client import OffloadUnavailable
+from elma_utils.server.store import HardQuestionStore
 
 
 class Clock:
@@ -162,7 +162,7 @@ def test_a_refusal_as_the_clients_fault_sets_the_item_aside_and_the_drain_goes_o
         else ProtocolError(code, "no such thing", "r1")
     )
     server = Server(fail={"r1"}, error=refusal)
-    with caplog.at_level(logging.WARNING, logger="elma_utils.offload.outbox"):
+    with caplog.at_level(logging.WARNING, logger="elma_utils.edge.outbox"):
         result = outbox.drain(server)
     assert server.seen == ["r0", "r1", "r2", "r3"]
     assert (result.sent, result.remaining, result.set_aside, result.failed_id) == (3, 0, 1, None)
@@ -192,7 +192,7 @@ def test_backoff_grows_per_item_is_capped_and_ends_in_setting_aside(tmp_path, cl
         waits = []
         for attempt in range(1, 8):
             before = len(server.seen)
-            with caplog.at_level(logging.WARNING, logger="elma_utils.offload.outbox"):
+            with caplog.at_level(logging.WARNING, logger="elma_utils.edge.outbox"):
                 result = box.drain(server)
             assert len(server.seen) == before + 1 and result.failed_id is not None
             if attempt == 7:
@@ -431,7 +431,7 @@ def test_a_version_the_code_does_not_know_is_refused(tmp_path):
 _PUTTER = """
 import sys
 from offload_helpers import make_ask
-from elma_utils.offload.outbox import Outbox
+from elma_utils.edge.outbox import Outbox
 box = Outbox(sys.argv[1])
 for i in range(100_000):
     print(box.put(make_ask(i, question=f"Killed question {i}?")), f"r{i}", flush=True)
@@ -440,7 +440,7 @@ for i in range(100_000):
 _DRAINER = """
 import sys
 from offload_helpers import make_answer
-from elma_utils.offload.outbox import Outbox
+from elma_utils.edge.outbox import Outbox
 box = Outbox(sys.argv[1])
 def send(request):
     print(request.id, flush=True)  # the server has it from here on

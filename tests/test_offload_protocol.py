@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from offload_helpers import make_answer, make_ask
 
 from elma_utils.early_exit.policies import EarlyExitAnswer
-from elma_utils.offload.protocol import (
+from elma_utils.edge.protocol import (
     ERROR_CODES,
     MAX_MESSAGE_BYTES,
     MESSAGE_TYPES,

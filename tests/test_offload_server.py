@@ -20,11 +20,9 @@ import pytest
 from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 from ssh_helpers import make_keys, pin, talk_lines
 
-from elma_utils.export.edge_runtime import EdgeModel
-from elma_utils.model.inference import QAModel
-from elma_utils.offload.edge_client import EdgeQA
-from elma_utils.offload.outbox import Outbox
-from elma_utils.offload.protocol import (
+from elma_utils.edge.client import EdgeQA
+from elma_utils.edge.outbox import Outbox
+from elma_utils.edge.protocol import (
     AnswerReply,
     AskRequest,
     EdgeResult,
@@ -34,12 +32,14 @@ from elma_utils.offload.protocol import (
     decode,
     encode,
 )
-from elma_utils.offload.server import ModelAnswerer, OffloadServer
-from elma_utils.offload.ssh_client import OffloadUnavailable, SSHTunnelClient
-from elma_utils.offload.ssh_endpoint import SSHEndpoint
-from elma_utils.offload.ssh_keys import generate_ed25519_key, load_private_key
-from elma_utils.offload.sshd import free_loopback_port, start_sshd
-from elma_utils.offload.store import HardQuestionStore
+from elma_utils.edge.runtime import EdgeModel
+from elma_utils.edge.ssh_client import OffloadUnavailable, SSHTunnelClient
+from elma_utils.edge.ssh_keys import generate_ed25519_key, load_private_key
+from elma_utils.model.inference import QAModel
+from elma_utils.server.service import ModelAnswerer, OffloadServer
+from elma_utils.server.ssh_endpoint import SSHEndpoint
+from elma_utils.server.sshd import free_loopback_port, start_sshd
+from elma_utils.server.store import HardQuestionStore
 
 pytestmark = pytest.mark.network
 

@@ -9,9 +9,9 @@ import threading
 import pytest
 from offload_helpers import CONTEXTS, make_answer, make_ask, run_until_killed
 
-from elma_utils.offload.outbox import Outbox
-from elma_utils.offload.protocol import AnswerReply, ProtocolError, context_ref
-from elma_utils.offload.store import HardQuestionStore, question_key
+from elma_utils.edge.outbox import Outbox
+from elma_utils.edge.protocol import AnswerReply, ProtocolError, context_ref
+from elma_utils.server.store import HardQuestionStore, question_key
 from elma_utils.squad.data import load_squad_file, split_by_article
 
 
@@ -211,7 +211,7 @@ def test_export_v11_leaves_out_no_answer_and_empty_store_exports_empty_files(sto
 _WRITER = """
 import sys
 from offload_helpers import make_answer, make_ask
-from elma_utils.offload.store import HardQuestionStore
+from elma_utils.server.store import HardQuestionStore
 store = HardQuestionStore(sys.argv[1])
 for i in range(100_000):
     ask = make_ask(i, question=f"Killed question {i}?")

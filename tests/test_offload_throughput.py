@@ -11,11 +11,11 @@ import threading
 import pytest
 from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 
+from elma_utils.bench.loopback import LoopbackDeployment
+from elma_utils.bench.throughput import format_throughput, measure_server_throughput, percentile
+from elma_utils.edge.protocol import AnswerReply, AskRequest, ErrorReply, decode, encode
+from elma_utils.edge.ssh_client import SSHTunnelClient
 from elma_utils.model.inference import QAModel
-from elma_utils.offload.deployment import LoopbackDeployment
-from elma_utils.offload.protocol import AnswerReply, AskRequest, ErrorReply, decode, encode
-from elma_utils.offload.ssh_client import SSHTunnelClient
-from elma_utils.offload.throughput import format_throughput, measure_server_throughput, percentile
 
 pytestmark = pytest.mark.network
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 
-from elma_utils.export.edge_runtime import EdgeModel
-from elma_utils.offload.deployment import LoopbackDeployment
-from elma_utils.offload.edge_client import EdgeQA
-from elma_utils.offload.outbox import Outbox
-from elma_utils.offload.protocol import AskRequest, EdgeResult, context_ref
+from elma_utils.bench.loopback import LoopbackDeployment
+from elma_utils.edge.client import EdgeQA
+from elma_utils.edge.outbox import Outbox
+from elma_utils.edge.protocol import AskRequest, EdgeResult, context_ref
+from elma_utils.edge.runtime import EdgeModel
 
 OFFLINE = "OffloadUnavailable: no server configured (offline device)"
 
@@ -69,7 +69,7 @@ def test_a_refused_question_is_set_aside_and_the_ones_behind_it_arrive(
         ]
         for request in good:
             box.put(request)
-        with caplog.at_level(logging.WARNING, logger="elma_utils.offload.outbox"):
+        with caplog.at_level(logging.WARNING, logger="elma_utils.edge.outbox"):
             live = edge.answer(first.question, first.context)  # answered, then the outbox drains
         assert live.source == "server", live.error
         assert box.counts() == {"pending": 0, "sent": 3, "dead": 1}
@@ -190,7 +190,7 @@ def test_a_full_disk_loses_the_queueing_not_the_answer(small_tmpfs, edge_model, 
         edge = EdgeQA(edge_model, tunnel=None, outbox=box, device_id="tx2-full")
         assert box.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)  # WAL emptied
         filler = _fill(small_tmpfs)
-        with caplog.at_level(logging.ERROR, logger="elma_utils.offload.edge_client"):
+        with caplog.at_level(logging.ERROR, logger="elma_utils.edge.client"):
             result = edge.answer(e.question, e.context)
         _assert_edge_answer(result, expected)
         assert result.queued is False
@@ -216,7 +216,7 @@ def test_a_disk_gone_read_only_loses_the_queueing_not_the_answer(ext4_on_loop, e
         trigger.write_text("1")  # the kernel remounts the file system read-only under the open outbox
         with pytest.raises(OSError, match="Read-only file system"):
             (mnt / "probe").write_text("x")
-        with caplog.at_level(logging.ERROR, logger="elma_utils.offload.edge_client"):
+        with caplog.at_level(logging.ERROR, logger="elma_utils.edge.client"):
             result = edge.answer(e1.question, e1.context)
         _assert_edge_answer(result, expected)
         assert result.queued is False

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from elma_utils.offload.publish import publish_refusal
+from elma_utils.server.publish import publish_refusal
 
 
 def scores(f1: float, share: float, n: int = 500) -> dict:

@@ -12,7 +12,7 @@ from qa_fixtures import TINY_WINDOWS, save_tiny_artifact
 from elma_utils.early_exit.experiment import load_exits_model_from
 from elma_utils.early_exit.recalibrate import NOT_RECALIBRATED, recalibrate_entropy_threshold
 from elma_utils.export.bundle import read_thresholds, write_bundle
-from elma_utils.offload.publish import EvalSet, evaluate_bundle
+from elma_utils.server.publish import EvalSet, evaluate_bundle
 
 WINDOWS = {"seq_len": TINY_WINDOWS["max_seq_len"], "doc_stride": TINY_WINDOWS["doc_stride"],
            "max_query_len": TINY_WINDOWS["max_query_len"]}  # fmt: skip

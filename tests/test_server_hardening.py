@@ -12,8 +12,8 @@ import time
 import pytest
 from qa_fixtures import save_tiny_artifact
 
-from elma_utils.offload.device_identity import DeviceRegistry, sign_request, signature_valid
-from elma_utils.offload.protocol import (
+from elma_utils.edge.identity import DeviceRegistry, sign_request, signature_valid
+from elma_utils.edge.protocol import (
     AnswerReply,
     AskRequest,
     EdgeResult,
@@ -22,9 +22,9 @@ from elma_utils.offload.protocol import (
     decode,
     encode,
 )
-from elma_utils.offload.server import LISTEN_BACKLOG, ModelAnswerer, OffloadServer, ServerAnswer
-from elma_utils.offload.ssh_keys import generate_ed25519_key, public_key_line
-from elma_utils.offload.store import HardQuestionStore
+from elma_utils.edge.ssh_keys import generate_ed25519_key, public_key_line
+from elma_utils.server.service import LISTEN_BACKLOG, ModelAnswerer, OffloadServer, ServerAnswer
+from elma_utils.server.store import HardQuestionStore
 
 pytestmark = pytest.mark.network
 
@@ -76,7 +76,7 @@ def test_a_context_the_model_cannot_read_gets_a_no_answer_reply(answerer, tmp_pa
 
 
 def test_non_finite_scores_become_no_answer():
-    from elma_utils.offload.server import _server_answer
+    from elma_utils.server.service import _server_answer
 
     class A:  # the fields QAModel.predict gives
         def __init__(self, score, no_answer=False, start=3):
@@ -288,12 +288,12 @@ def test_elma_serve_behind_its_endpoint_binds_no_tcp_service_and_checks_who_asks
 
     from qa_fixtures import write_tiny_bundle
 
-    from elma_utils.export.edge_runtime import EdgeModel
-    from elma_utils.offload.device_keys import add_device
-    from elma_utils.offload.edge_client import EdgeQA
-    from elma_utils.offload.outbox import Outbox
-    from elma_utils.offload.ssh_client import SSHTunnelClient
-    from elma_utils.offload.ssh_keys import add_known_host, load_private_key
+    from elma_utils.edge.client import EdgeQA
+    from elma_utils.edge.outbox import Outbox
+    from elma_utils.edge.runtime import EdgeModel
+    from elma_utils.edge.ssh_client import SSHTunnelClient
+    from elma_utils.edge.ssh_keys import add_known_host, load_private_key
+    from elma_utils.server.device_keys import add_device
 
     for name in ("tx2-a", "tx2-b"):
         generate_ed25519_key(tmp_path / name, comment=name)

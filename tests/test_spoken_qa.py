@@ -12,10 +12,10 @@ import soundfile as sf
 from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 from speech_helpers import spoken
 
-from elma_utils.export.edge_runtime import EdgeModel
+from elma_utils.edge.client import EdgeQA
+from elma_utils.edge.runtime import EdgeModel
 from elma_utils.model.inference import QAModel
-from elma_utils.offload.edge_client import EdgeQA
-from elma_utils.offload.server import ModelAnswerer, OffloadServer
+from elma_utils.server.service import ModelAnswerer, OffloadServer
 from elma_utils.speech.audio import AudioError
 from elma_utils.speech.recognizers import RecognitionError, get_recognizer
 from elma_utils.speech.spoken_qa import ContextError, SpokenQA, resolve_context

@@ -21,16 +21,16 @@ from pathlib import Path
 import pytest
 from ssh_helpers import KeySet, LineEchoService, make_keys, pin, ssh_options
 
-from elma_utils.offload.ssh_client import AuthenticationRejected, OffloadUnavailable, SSHTunnelClient
-from elma_utils.offload.ssh_endpoint import PARAMIKO_LOG_CHANNEL, SSHEndpoint
-from elma_utils.offload.ssh_keys import (
+from elma_utils.edge.ssh_client import AuthenticationRejected, OffloadUnavailable, SSHTunnelClient
+from elma_utils.edge.ssh_keys import (
     fingerprint,
     generate_ed25519_key,
     load_private_key,
     load_public_key,
     write_authorized_keys,
 )
-from elma_utils.offload.sshd import ssh_binary
+from elma_utils.server.ssh_endpoint import PARAMIKO_LOG_CHANNEL, SSHEndpoint
+from elma_utils.server.sshd import ssh_binary
 
 needs_ssh = pytest.mark.skipif(ssh_binary() is None, reason="OpenSSH client not installed")
 pytestmark = pytest.mark.network
@@ -410,7 +410,7 @@ def test_failed_handshakes_log_one_line_each_without_traceback(rig, echo, caplog
         r
         for r in caplog.records
         if r.levelno >= logging.INFO
-        and r.name.startswith((PARAMIKO_LOG_CHANNEL, "elma_utils.offload.ssh_endpoint"))  # not the clients
+        and r.name.startswith((PARAMIKO_LOG_CHANNEL, "elma_utils.server.ssh_endpoint"))  # not the clients
         and "listening on" not in r.getMessage()
     ]
     lines = [r.getMessage() for r in shown]

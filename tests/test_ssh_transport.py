@@ -13,8 +13,8 @@ import paramiko
 import pytest
 from ssh_helpers import LineEchoService, LocalForward, make_keys, pin, ssh_options, talk_lines
 
-from elma_utils.offload.overhead import format_round_trips, measure_round_trip
-from elma_utils.offload.ssh_client import (
+from elma_utils.bench.link_overhead import format_round_trips, measure_round_trip
+from elma_utils.edge.ssh_client import (
     AuthenticationRejected,
     Backoff,
     HostKeyError,
@@ -22,8 +22,7 @@ from elma_utils.offload.ssh_client import (
     SSHTunnelClient,
     line_frame,
 )
-from elma_utils.offload.ssh_endpoint import SSHEndpoint
-from elma_utils.offload.ssh_keys import (
+from elma_utils.edge.ssh_keys import (
     fingerprint,
     generate_ed25519_key,
     known_hosts_line,
@@ -31,7 +30,8 @@ from elma_utils.offload.ssh_keys import (
     load_private_key,
     load_public_key,
 )
-from elma_utils.offload.sshd import free_loopback_port, make_chroot_parent, ssh_binary, start_sshd
+from elma_utils.server.ssh_endpoint import SSHEndpoint
+from elma_utils.server.sshd import free_loopback_port, make_chroot_parent, ssh_binary, start_sshd
 
 needs_ssh = pytest.mark.skipif(ssh_binary() is None, reason="OpenSSH client not installed")
 BUNDLE = b"edge model bundle v1\n" + bytes(range(256)) * 300  # ~77 kB with every byte value

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from ssh_helpers import LineEchoService, LocalForward, make_keys, pin, ssh_options, talk_lines
 
-from elma_utils.offload.ssh_client import OffloadUnavailable, SSHTunnelClient
-from elma_utils.offload.ssh_keys import load_private_key, public_key_line
-from elma_utils.offload.sshd import (
+from elma_utils.edge.ssh_client import OffloadUnavailable, SSHTunnelClient
+from elma_utils.edge.ssh_keys import load_private_key, public_key_line
+from elma_utils.server.sshd import (
     SSHD_BINARY,
     SSHDError,
     device_key_options,
@@ -378,8 +378,8 @@ def test_start_sshd_refuses_a_chroot_it_cannot_use(keys, echo, chroot_parent, tm
 def test_loopback_deployment_gives_its_device_key_no_shell(tmp_path, minilm_tokenizer):
     from qa_fixtures import save_tiny_artifact, write_tiny_bundle
 
-    from elma_utils.offload.deployment import LoopbackDeployment
-    from elma_utils.offload.protocol import Ping, encode
+    from elma_utils.bench.loopback import LoopbackDeployment
+    from elma_utils.edge.protocol import Ping, encode
 
     model = save_tiny_artifact(tmp_path / "model", minilm_tokenizer)
     bundle = write_tiny_bundle(tmp_path / "bundle", minilm_tokenizer, -1.0)

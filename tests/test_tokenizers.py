@@ -114,7 +114,7 @@ def test_python_backend_equals_keras_hub_on_every_dev_text(kind, dev_v11, minilm
 
 def test_python_wordpiece_rules():
     """Longest match first, ## continuations, an uncoverable or over-long word is one [UNK]."""
-    from elma_utils.model.piece_backends import PythonWordPiece
+    from elma_utils.edge.tokenizer import PythonWordPiece
 
     wp = PythonWordPiece(minilm_vocab_path())
     ids = wp.pieces(["unaffable", "x" * 101, "\u2603\u2603"])

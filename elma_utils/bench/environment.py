@@ -35,7 +35,7 @@ KEY_PACKAGES = (
     "faster-whisper", "ctranslate2", "pocketsphinx", "SpeechRecognition", "librosa", "soundfile",
     "paramiko", "cryptography", "matplotlib", "papermill", "nbformat", "elma",
 )  # fmt: skip
-# the edge runtime's order (elma_utils.export.edge_runtime.interpreter_class)
+# the edge runtime's order (elma_utils.edge.runtime.interpreter_class)
 INTERPRETERS = (
     ("ai_edge_litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
     ("tflite_runtime", "tflite_runtime.interpreter", "tflite-runtime"),

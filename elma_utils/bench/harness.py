@@ -148,7 +148,7 @@ class OffloadLink:
 
     def tunnel(self, timeout: float = 30.0):
         """A new (not yet connected) ``SSHTunnelClient`` over this link."""
-        from elma_utils.offload.ssh_client import SSHTunnelClient
+        from elma_utils.edge.ssh_client import SSHTunnelClient
 
         return SSHTunnelClient(
             self.host, self.port, self.user, self.key_path, self.known_hosts, self.target, timeout=timeout
@@ -169,7 +169,7 @@ def local_offload_server(
     known_hosts); the server's log is ``workdir/serve.log``. SIGTERM on exit.
     """
     from elma_utils.config import PROJECT_ROOT
-    from elma_utils.offload.ssh_keys import (
+    from elma_utils.edge.ssh_keys import (
         add_known_host,
         generate_ed25519_key,
         load_private_key,
@@ -260,7 +260,7 @@ class _ModeRunner:
         self.edge = _PolicyEdge(model, NeverExit() if mode.never_exit else model.policy)
         self.client = None
         if mode.offload:
-            from elma_utils.offload.edge_client import EdgeQA
+            from elma_utils.edge.client import EdgeQA
 
             self.client = EdgeQA(self.edge, tunnel, None, device_id="bench", deadline_ms=deadline_ms)
 
@@ -466,8 +466,8 @@ def _warm_server(model, tunnel, q: BenchQuestion, recognizer) -> dict:
 
 def _link_round_trip(link: OffloadLink) -> dict[str, Any]:
     """What the SSH link alone costs per line (ping → pong), against plain TCP to the server."""
-    from elma_utils.offload.overhead import measure_round_trip
-    from elma_utils.offload.protocol import Ping, encode
+    from elma_utils.bench.link_overhead import measure_round_trip
+    from elma_utils.edge.protocol import Ping, encode
 
     try:
         trips = measure_round_trip(
@@ -502,7 +502,7 @@ def run_pipeline_benchmark(
     questions. ``warmup`` questions per mode are answered untimed first, and one question is
     offloaded untimed to warm the server. ``runs`` passes over ``questions`` per mode.
     """
-    from elma_utils.export.edge_runtime import EdgeModel
+    from elma_utils.edge.runtime import EdgeModel
 
     if runs < 1 or not questions:
         raise ValueError("need runs ≥ 1 and at least one question")

@@ -1,8 +1,8 @@
-"""Edge export: LiteRT parts, the edge bundle and the Keras-free edge runtime.
+"""Edge export: LiteRT parts and the edge bundle, written on the training machine.
 
-``litert_parts`` (export) needs TensorFlow/Keras and is imported on demand; ``bundle`` and
-``edge_runtime`` need only NumPy and a LiteRT interpreter, so importing this package pulls
-no TensorFlow.
+``litert_parts`` (export) needs TensorFlow/Keras and is imported on demand; ``bundle`` needs
+only the standard library, so the device (``elma_utils.edge``) can verify bundles with it.
+The Keras-free runtime that answers with a bundle is ``elma_utils.edge.runtime``.
 """
 
 from elma_utils.export.bundle import (
@@ -14,16 +14,12 @@ from elma_utils.export.bundle import (
     verify_bundle,
     write_bundle,
 )
-from elma_utils.export.edge_runtime import EdgeAnswer, EdgeModel, interpreter_class
 
 __all__ = [
     "BUNDLE_FORMAT",
     "FORMAT_VERSION",
     "BundleError",
-    "EdgeAnswer",
-    "EdgeModel",
     "check_thresholds",
-    "interpreter_class",
     "policy_from_thresholds",
     "verify_bundle",
     "write_bundle",

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from elma_utils.early_exit.runtime import EarlyExitRunner
+from elma_utils.edge.runtime import EdgeModel
 from elma_utils.export.bundle import policy_from_thresholds, write_bundle
-from elma_utils.export.edge_runtime import EdgeModel
 from elma_utils.squad.features import build_features
 from elma_utils.squad.metrics import per_question_scores
 

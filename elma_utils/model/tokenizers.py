@@ -132,7 +132,7 @@ class QATokenizer:
     def __init__(self, kind: str, vocab_path: str | Path, backend: str = "keras_hub"):
         """``backend``: 'keras_hub' (training side) or 'python' (edge: no Keras/TensorFlow);
         both give the same ids (see ``piece_backends``)."""
-        from elma_utils.model.piece_backends import piece_backend
+        from elma_utils.edge.tokenizer import piece_backend
 
         if kind not in ("wordpiece", "sentencepiece"):
             raise ValueError(f"unknown tokenizer kind {kind!r}; use 'wordpiece' or 'sentencepiece'")

@@ -463,8 +463,8 @@ def _fetch(
 
 def _check_installable(bundle: Path, smoke: tuple[str, str] | None) -> str | None:
     """Verify, load and (optionally) ask the smoke question; returns the smoke answer."""
+    from elma_utils.edge.runtime import EdgeModel
     from elma_utils.export.bundle import BundleError, verify_bundle
-    from elma_utils.export.edge_runtime import EdgeModel
 
     try:
         verify_bundle(bundle)

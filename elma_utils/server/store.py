@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elma_utils.offload.protocol import AnswerReply, AskRequest, ProtocolError, context_ref
+from elma_utils.edge.protocol import AnswerReply, AskRequest, ProtocolError, context_ref
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 It does the one thing the edge needs from sshd and nothing more: ed25519 public-key logins
 against an ``authorized_keys`` file, ``direct-tcpip`` channels (what ``ssh -L`` / ``ssh -W``
-and :class:`~elma_utils.offload.ssh_client.SSHTunnelClient` open) to ONE configured loopback
+and :class:`~elma_utils.edge.ssh_client.SSHTunnelClient` open) to ONE configured loopback
 service (a TCP port or a Unix socket), whose bytes it relays both ways, and optionally
 read-only SFTP below one directory (model bundles). No shell, no exec, no passwords, no other
 destinations, no remote forwards, no CBC ciphers or MD5 / truncated MACs.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import paramiko
 
-from elma_utils.offload.ssh_keys import KEY_TYPE, fingerprint, load_authorized_keys, load_private_key
+from elma_utils.edge.ssh_keys import KEY_TYPE, fingerprint, load_authorized_keys, load_private_key
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from elma_utils.atomic_files import write_bytes_atomic
-from elma_utils.offload.protocol import is_identifier
-from elma_utils.offload.ssh_keys import (
+from elma_utils.edge.protocol import is_identifier
+from elma_utils.edge.ssh_keys import (
     KeyFileError,
     fingerprint,
     parse_authorized_line,

@@ -33,9 +33,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from elma_utils.offload.batcher import MicroBatcher, Overloaded, ServerAnswer
-from elma_utils.offload.device_identity import DeviceRegistry
-from elma_utils.offload.protocol import (
+from elma_utils.edge.identity import DeviceRegistry
+from elma_utils.edge.protocol import (
     MAX_MESSAGE_BYTES,
     AnswerReply,
     AskRequest,
@@ -50,7 +49,8 @@ from elma_utils.offload.protocol import (
     encode,
     error_reply_for,
 )
-from elma_utils.offload.store import HardQuestionStore
+from elma_utils.server.batcher import MicroBatcher, Overloaded, ServerAnswer
+from elma_utils.server.store import HardQuestionStore
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -379,8 +379,8 @@ def serve(
         else:
             ready(f"elma serve: asks must be signed by one of {len(registry.devices())} registered devices")
         if ssh_port is not None:
-            from elma_utils.offload.ssh_endpoint import SSHEndpoint
-            from elma_utils.offload.ssh_keys import fingerprint, generate_ed25519_key, load_private_key
+            from elma_utils.edge.ssh_keys import fingerprint, generate_ed25519_key, load_private_key
+            from elma_utils.server.ssh_endpoint import SSHEndpoint
 
             if not Path(host_key).is_file():
                 generate_ed25519_key(Path(host_key), comment="elma-serve host key")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from elma_utils.atomic_files import write_json_atomic
-from elma_utils.offload.edge_client import SOURCES, EdgeQA, EdgeQAResult
+from elma_utils.edge.client import SOURCES, EdgeQA, EdgeQAResult
 from elma_utils.squad.metrics import per_question_scores
 
 PREDICTIONS_NAME = "end-to-end-predictions-dev-v{version}.json"

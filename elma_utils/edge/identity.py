@@ -32,8 +32,8 @@ from pathlib import Path
 
 import paramiko
 
-from elma_utils.offload.protocol import AskRequest, ProtocolError, is_identifier
-from elma_utils.offload.ssh_keys import AuthorizedKey, fingerprint, read_authorized_keys
+from elma_utils.edge.protocol import AskRequest, ProtocolError, is_identifier
+from elma_utils.edge.ssh_keys import AuthorizedKey, fingerprint, read_authorized_keys
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import paramiko
 
-from elma_utils.offload.protocol import is_identifier
-from elma_utils.offload.ssh_keys import generate_ed25519_key, load_private_key, public_key_line
+from elma_utils.edge.protocol import is_identifier
+from elma_utils.edge.ssh_keys import generate_ed25519_key, load_private_key, public_key_line
 
 SSHD_BINARY = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")  # Debian's compiled-in privilege separation directory (root only)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from elma_utils.offload.ssh_client import LineChannel, SSHTunnelClient, line_frame
+from elma_utils.edge.ssh_client import LineChannel, SSHTunnelClient, line_frame
 
 DEFAULT_PAYLOAD = b'{"type": "question", "id": "q-000001", "question": "Which river flows through the city?"}'
 

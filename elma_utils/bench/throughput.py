@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from elma_utils.offload.device_identity import sign_request
-from elma_utils.offload.protocol import (
+from elma_utils.edge.identity import sign_request
+from elma_utils.edge.protocol import (
     AnswerReply,
     AskRequest,
     EdgeResult,
@@ -35,7 +35,7 @@ from elma_utils.offload.protocol import (
     decode,
     encode,
 )
-from elma_utils.offload.ssh_client import SSHTunnelClient
+from elma_utils.edge.ssh_client import SSHTunnelClient
 
 BENCH_MODEL_VERSION = "throughput-benchmark"
 MAX_ERROR_EXAMPLES = 5

@@ -20,17 +20,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from elma_utils.offload.device_identity import DeviceRegistry
-from elma_utils.offload.edge_client import EdgeQA
-from elma_utils.offload.outbox import Outbox
-from elma_utils.offload.server import ModelAnswerer, OffloadServer
-from elma_utils.offload.ssh_client import SSHTunnelClient
-from elma_utils.offload.ssh_keys import (
+from elma_utils.edge.client import EdgeQA
+from elma_utils.edge.identity import DeviceRegistry
+from elma_utils.edge.outbox import Outbox
+from elma_utils.edge.ssh_client import SSHTunnelClient
+from elma_utils.edge.ssh_keys import (
     add_known_host,
     generate_ed25519_key,
     load_private_key,
     write_authorized_keys,
 )
+from elma_utils.server.service import ModelAnswerer, OffloadServer
 
 WAYS_IN = ("endpoint", "sshd")
 
@@ -78,7 +78,7 @@ class LoopbackDeployment:
 
     # ----------------------------------------------------------------- start
     def start(self) -> LoopbackDeployment:
-        from elma_utils.export.edge_runtime import EdgeModel
+        from elma_utils.edge.runtime import EdgeModel
 
         self._keys()
         answerer = ModelAnswerer.load(self.model_dir, self.null_threshold)
@@ -89,14 +89,14 @@ class LoopbackDeployment:
         ).start()
         target = ("127.0.0.1", self.server.port)
         if self.way_in == "endpoint":
-            from elma_utils.offload.ssh_endpoint import SSHEndpoint
+            from elma_utils.server.ssh_endpoint import SSHEndpoint
 
             self.endpoint = SSHEndpoint(
                 self.host_key, self.authorized_keys, target, sftp_root=self.sftp_root
             ).start()
             ssh_port, host_key = self.endpoint.port, load_private_key(self.host_key)
         else:
-            from elma_utils.offload.sshd import start_sshd
+            from elma_utils.server.sshd import start_sshd
 
             # authorized_keys is rewritten with the device's restricted line (device_key_options):
             # forward to the server, read the bundles over chrooted SFTP, nothing else.
@@ -138,7 +138,7 @@ class LoopbackDeployment:
 
     def _device_key(self, device_id: str) -> Path:
         """Another device's key file, registered in authorized_keys under its id (device_keys)."""
-        from elma_utils.offload.device_keys import add_device
+        from elma_utils.server.device_keys import add_device
 
         key = self.work / "keys" / f"device-{device_id}_ed25519"
         if not key.is_file():
@@ -149,8 +149,8 @@ class LoopbackDeployment:
     def round_trips(self, lines: int = 300, new_connection_lines: int = 20) -> dict:
         """Round trip of a ping (no model time) over the persistent SSH channel, a channel
         per question, a connection per question, and plain TCP; ms and wire bytes."""
-        from elma_utils.offload.overhead import measure_round_trip
-        from elma_utils.offload.protocol import Ping, encode
+        from elma_utils.bench.link_overhead import measure_round_trip
+        from elma_utils.edge.protocol import Ping, encode
 
         payload = encode(Ping("rtt-probe")).rstrip(b"\n")
         results = measure_round_trip(
@@ -167,8 +167,8 @@ class LoopbackDeployment:
     ) -> dict[int, dict]:
         """Throughput (questions/s) and p50/p95/p99/max round trip (ms) with N devices at once,
         each on its own SSH connection; ``options`` (warmup, deadline_ms, on_reply, ...) go to
-        :func:`~elma_utils.offload.throughput.measure_server_throughput`. The asks are stored."""
-        from elma_utils.offload.throughput import measure_server_throughput
+        :func:`~elma_utils.bench.throughput.measure_server_throughput`. The asks are stored."""
+        from elma_utils.bench.throughput import measure_server_throughput
 
         results = measure_server_throughput(
             self.make_tunnel, questions, clients, per_client=per_client, **options

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elma_utils.offload.protocol import (
+from elma_utils.edge.protocol import (
     CLIENT_FAULT_CODES,
     MAX_MESSAGE_BYTES,
     AnswerReply,
@@ -56,7 +56,7 @@ from elma_utils.offload.protocol import (
     decode,
     encode,
 )
-from elma_utils.offload.store import DurableSqlite
+from elma_utils.server.store import DurableSqlite
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from elma_utils.atomic_files import fsync_dir, write_bytes_atomic
+from elma_utils.edge.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
 from elma_utils.export.bundle import MANIFEST, read_thresholds, sha256_file, verify_bundle
-from elma_utils.offload.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
 
 BUNDLES_DIR = "bundles"
 EXITS_DIR = "exits"
@@ -196,7 +196,7 @@ def evaluate_bundle(bundle: str | os.PathLike, eval_sets: Sequence[EvalSet]) -> 
     Questions no layer settles are scored with the last kept layer's answer (what the edge
     says before offloading), so the number measures the edge model, not the server.
     """
-    from elma_utils.export.edge_runtime import EdgeModel
+    from elma_utils.edge.runtime import EdgeModel
     from elma_utils.squad.metrics import per_question_scores
 
     model = EdgeModel.load(bundle)
@@ -352,7 +352,7 @@ def _grown_data(
     original_limit: int | None, dev_eval, dev_limit: int | None,
 ) -> _GrownData:  # fmt: skip
     """Export the store (split by context) and gather the training and held-out questions."""
-    from elma_utils.offload.store import HardQuestionStore
+    from elma_utils.server.store import HardQuestionStore
 
     with HardQuestionStore(store_path) as store:
         summary = store.export_squad(

@@ -29,9 +29,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from elma_utils.offload.device_identity import sign_request
-from elma_utils.offload.outbox import Outbox
-from elma_utils.offload.protocol import (
+from elma_utils.edge.identity import sign_request
+from elma_utils.edge.outbox import Outbox
+from elma_utils.edge.protocol import (
     AnswerReply,
     AskRequest,
     EdgeResult,
@@ -41,7 +41,7 @@ from elma_utils.offload.protocol import (
     decode,
     encode,
 )
-from elma_utils.offload.ssh_client import OffloadUnavailable
+from elma_utils.edge.ssh_client import OffloadUnavailable
 
 log = logging.getLogger(__name__)
 

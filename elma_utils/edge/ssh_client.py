@@ -2,7 +2,7 @@
 
 The server's model service listens on the server host's loopback only; the edge reaches it
 through ``direct-tcpip`` channels of one SSH connection (OpenSSH sshd with port forwarding,
-or :class:`~elma_utils.offload.ssh_endpoint.SSHEndpoint`). The connection is opened once and
+or :class:`~elma_utils.server.ssh_endpoint.SSHEndpoint`). The connection is opened once and
 reused, kept alive, and re-opened with bounded, jittered exponential backoff when it dies.
 Host keys come only from a ``known_hosts`` file: an unknown or changed key is refused
 (:class:`HostKeyError`), never accepted. Passwords, agents and ``~/.ssh`` keys are not used.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import paramiko
 
-from elma_utils.offload.ssh_keys import fingerprint, keyscan_command, known_hosts_name, load_private_key
+from elma_utils.edge.ssh_keys import fingerprint, keyscan_command, known_hosts_name, load_private_key
 
 LINE_END = b"\n"
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024

@@ -1,0 +1,10 @@
+"""The server program: the full model behind SSH, the store of hard questions, the growth loop.
+
+- :mod:`.service`: ``elma serve``: protocol messages in, answers out, stored before the reply.
+- :mod:`.batcher`: one worker owns the model; devices are served in turn, in batches.
+- :mod:`.store`: the SQLite store of offloaded questions, exported as SQuAD json.
+- :mod:`.ssh_endpoint`: ELMA's own SSH server (paramiko) for hosts without a usable sshd.
+- :mod:`.sshd`: a confined OpenSSH sshd configuration (and one started for tests/notebooks).
+- :mod:`.device_keys`: ``elma keys``: add, list and revoke devices.
+- :mod:`.publish`: retrain/distil the edge model from the store, gate it, publish a bundle.
+"""
