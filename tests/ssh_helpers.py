@@ -115,7 +115,11 @@ class LocalForward:
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(5)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:  # seen once under full load: ssh still busy after SIGTERM
+                self.process.kill()
+                self.process.wait(5)
         self.process.stderr.close()
 
 
