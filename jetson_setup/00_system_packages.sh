@@ -6,10 +6,14 @@ set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+# libsndfile1 and libportaudio2: the device program's soundfile and sounddevice load them through
+# ctypes (soundfile's aarch64 wheel with its own libsndfile needs glibc 2.28, so the board gets
+# the none-any wheel); binutils: readelf for jetson_setup/check_wheels.py.
 PACKAGES=(
     build-essential pkg-config git curl wget ca-certificates zip unzip rsync htop
     python3-pip python3-dev libssl-dev openssh-client
     e2fsprogs util-linux parted
+    libsndfile1 libportaudio2 binutils
 )
 WITH_JETPACK=0
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# 02 — the edge runtime's Python: Python 3.11 (Miniforge, on the SSD) next to the system's 3.6,
-# with NumPy and the LiteRT interpreter (ai-edge-litert) from jetson_setup/environment.yml, and
-# this repository installed into it (no dependencies: the edge needs no TensorFlow or Keras).
+# 02 — the device program's Python: Python 3.11 (Miniforge, on the SSD) next to the system's 3.6,
+# with everything the device program imports (pyproject's `edge` extra: the LiteRT interpreter,
+# NumPy, faster-whisper/CTranslate2/onnxruntime, pocketsphinx, librosa, paramiko, ... and their
+# runtime dependencies, all pinned) from jetson_setup/environment.yml, and this repository
+# installed into it (no dependencies: the edge needs no TensorFlow or Keras).
+# Not every pin has a wheel that loads on JetPack 4.6's glibc 2.27 yet: check_wheels.py says
+# which (README.md, "Wheels on the TX2").
 #
 # Why Miniforge: Ubuntu 18.04 has no Python 3.11 package, and conda-forge's aarch64 Python runs
 # on its glibc 2.27; the pip wheels pinned in environment.yml are manylinux_2_27 aarch64 wheels.
@@ -117,7 +121,8 @@ run "$PREFIX/bin/python" "$REPO/jetson_setup/verify_edge.py" --versions \
     --expect-python "$ELMA_EDGE_PYTHON_VERSION" \
     --expect "numpy==$ELMA_EDGE_NUMPY_VERSION" \
     --expect "$ELMA_EDGE_INTERPRETER_PACKAGE==$ELMA_EDGE_INTERPRETER_VERSION" \
-    --expect "tqdm==$ELMA_EDGE_TQDM_VERSION"
+    --expect "tqdm==$ELMA_EDGE_TQDM_VERSION" \
+    --pins "$ENV_FILE"
 
 # --- the alternative: NVIDIA's TensorFlow for the system Python 3.6 ----------------------------------
 if ((WITH_JETPACK_TF)); then

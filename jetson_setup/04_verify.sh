@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # 04 — verify the set-up: report the versions that matter (L4T, CUDA, cuDNN, TensorRT, Pythons,
-# NumPy, the LiteRT interpreter), compare the edge environment with the pins, and answer a
-# sample question with an edge bundle (verified by sha256 before loading), with energy per
-# question from tegrastats on the board.
+# NumPy, the LiteRT interpreter), compare the edge environment with every pin of
+# environment.yml, import every module of the device program and every library it loads on
+# first use (speech recognisers, VAD, audio, SSH: where a wheel built for a newer glibc fails),
+# and answer a sample question with an edge bundle (verified by sha256 before loading), with
+# energy per question from tegrastats on the board.
 #
 # It changes nothing, so it also runs on a machine that is not a Jetson (say, to check a
 # bundle with --python .venv/bin/python); there it says so. Exit status: 0 all fine,
-# 1 a version differs from the pins, 2 the bundle is refused or cannot answer.
+# 1 a version differs from the pins, 3 a device module or library does not import,
+# 2 the bundle is refused or cannot answer (with several, the first of these that failed).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=lib.sh
@@ -119,7 +122,11 @@ fi
 run "$PY" "$HERE/verify_edge.py" --versions \
     --expect-python "$ELMA_EDGE_PYTHON_VERSION" \
     --expect "numpy==$ELMA_EDGE_NUMPY_VERSION" \
-    --expect "$ELMA_EDGE_INTERPRETER_PACKAGE==$ELMA_EDGE_INTERPRETER_VERSION" || status=1
+    --expect "$ELMA_EDGE_INTERPRETER_PACKAGE==$ELMA_EDGE_INTERPRETER_VERSION" \
+    --pins "$HERE/environment.yml" || status=1
+
+log "--- the device program: every module and the libraries it loads"
+run "$PY" "$HERE/verify_edge.py" --imports || { ((status)) || status=3; }
 
 if [[ -n $BUNDLE ]]; then
     log "--- a sample question on $BUNDLE"
@@ -127,7 +134,7 @@ if [[ -n $BUNDLE ]]; then
     if [[ -n $QUESTION ]]; then
         args+=(--question "$QUESTION" --context "$CONTEXT")
     fi
-    run "$PY" "$HERE/verify_edge.py" "${args[@]}" || status=2
+    run "$PY" "$HERE/verify_edge.py" "${args[@]}" || { ((status)) || status=2; }
 else
     warn "no --bundle given: the edge model was not run"
 fi

@@ -20,8 +20,9 @@
 
 # --- pinned versions: jetson_setup/environment.yml must say the same (a test checks) -------
 # Python 3.11 because elma_utils needs it (pyproject: requires-python >=3.11; the edge runtime
-# uses zip(strict=)); numpy and ai-edge-litert equal the project's requirements.txt, and both
-# ship manylinux_2_27 aarch64 wheels, which Ubuntu 18.04's glibc 2.27 can load.
+# uses zip(strict=)); numpy and ai-edge-litert equal the project's requirements.txt. Both ship
+# wheels tagged manylinux_2_27 for aarch64, but ai-edge-litert 2.3.0's shared objects need
+# glibc 2.34 (check_wheels.py; README.md, "Wheels on the TX2"): a known blocker on JetPack 4.6.
 ELMA_EDGE_PYTHON_VERSION="3.11"
 ELMA_EDGE_NUMPY_VERSION="2.4.6"
 ELMA_EDGE_INTERPRETER_PACKAGE="ai-edge-litert"

@@ -4,6 +4,9 @@ The scripts change a real board (fstab, swap, mkfs), so here they run with --dry
 with the probes pointed at temporary files (ELMA_JETSON_RELEASE_FILE, ELMA_UNAME_M,
 ELMA_FSTAB, ELMA_FAKE_FREE_GB, ...). The helpers that write files are also run for real on
 temporary files, and 04_verify.sh (which changes nothing) runs for real on a small bundle.
+environment.yml must hold the whole device program (pyproject's `edge` extra, same versions);
+check_wheels.py (which glibc each pinned wheel needs) runs offline on wheels made here from the
+venv's own shared objects, its readelf reading checked against the version names in their bytes.
 """
 
 from __future__ import annotations
@@ -343,6 +346,8 @@ def test_system_packages_installs_only_what_is_missing(env, tmp_path) -> None:
     cmds = commands(dry("00_system_packages.sh", env=env))
     install = [c for c in cmds if "apt-get install" in c]
     assert len(install) == 1 and "build-essential" in install[0] and "python3-pip" in install[0]
+    # what the device program's soundfile/sounddevice load through ctypes, and readelf
+    assert {"libsndfile1", "libportaudio2", "binutils"} <= set(install[0].split())
     assert "nvidia-jetpack" not in install[0]
     assert "nvidia-jetpack" in commands(dry("00_system_packages.sh", "--with-jetpack", env=env))[1]
     fake_bin(tmp_path, "dpkg-query", "echo 'install ok installed'")  # everything installed
@@ -363,6 +368,7 @@ def test_python_env_from_environment_yml_on_the_ssd(env) -> None:
     check = next(c for c in cmds if "--versions" in c)
     for pin in ("--expect-python 3.11", "--expect numpy==2.4.6", "--expect ai-edge-litert==2.3.0"):
         assert pin in check
+    assert check.endswith(f"--pins {SETUP}/environment.yml")  # every pin, not only these
     assert not any("jp/v46" in c for c in cmds)
     jp = commands(dry("02_python_env.sh", "--with-jetpack-tf", env=env))
     assert any(
@@ -494,6 +500,22 @@ def test_verify_answers_a_sample_question_with_the_bundle(bundle: Path, env) -> 
     assert energy["items"] == 2 and energy["source"] in ("tegrastats", "rapl", "cpu_time")
     assert (energy["joules"] is None) == (energy["source"] == "cpu_time")
     assert "L4T:" in out and "system python:" in out  # the version report ran
+    assert _json_after(out, "versions")["elma"] == "0.1.0"
+    assert f'"pins_checked": {len(_env_yml()[1]) + 2}' in out  # environment.yml's and the two --expect
+    imports = _json_after(out, "imports")
+    assert imports["failed"] == {} and imports["heavy_frameworks_loaded"] == []
+    for module in ("elma_utils.edge.runtime", "elma_utils.edge.ssh_client", "elma_utils.edge.sync"):
+        assert module in imports["ok"]
+    for module in (
+        "elma_utils.speech.recognizers",
+        "elma_utils.speech.audio",
+        "faster_whisper",
+        "onnxruntime",
+    ):
+        assert module in imports["ok"]
+    for module in ("av", "pocketsphinx", "librosa", "paramiko", "ai_edge_litert.interpreter"):
+        assert module in imports["ok"]
+    assert Path(imports["whisper_model"], "model.bin").is_file()
 
 
 @pytest.mark.slow
@@ -514,12 +536,222 @@ def test_verify_fails_clearly_on_a_tampered_bundle_or_a_wrong_version(bundle: Pa
     )
     assert mismatch.returncode == 1
     assert json.loads(mismatch.stdout)["mismatches"] == ["numpy 2.4.6 (pinned 1.0.0)"]
+    pins = tmp_path / "pins.yml"
+    pins.write_text("  - pip:\n      - tqdm==4.70.1\n      - jiwer==0.0.1  # wrong\n      - python=3.11\n")
+    mismatch = subprocess.run(
+        [sys.executable, str(SETUP / "verify_edge.py"), "--versions", "--pins", str(pins)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert mismatch.returncode == 1
+    report = json.loads(mismatch.stdout)
+    assert report["pins_checked"] == 2 and report["mismatches"] == ["jiwer 4.0.0 (pinned 0.0.1)"]
 
 
 def test_verify_dry_run_and_missing_python(env, tmp_path) -> None:
     out = dry("04_verify.sh", "--bundle", "/b", env=env)
     cmds = commands(out)
     assert "nvpmodel -q" in cmds and any(c.startswith("dpkg-query") and c.endswith("tensorrt") for c in cmds)
-    assert cmds[-1] == f"{MNT}/envs/elma-edge/bin/python {SETUP}/verify_edge.py --bundle /b --repeat 3"
+    py = f"{MNT}/envs/elma-edge/bin/python {SETUP}/verify_edge.py"
+    assert cmds[-1] == f"{py} --bundle /b --repeat 3"
+    versions = next(c for c in cmds if c.startswith(f"{py} --versions"))
+    assert versions.endswith(f"--pins {SETUP}/environment.yml")
+    assert cmds[-2] == f"{py} --imports"  # every device module and library, before the bundle
     result = run("04_verify.sh", "--python", str(tmp_path / "nope"), env=env)
     assert result.returncode == 2 and "no edge Python at" in result.stdout + result.stderr
+
+
+# ------------------------------------------------- the whole device program (edge extra)
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_environment_yml_installs_the_whole_edge_extra_with_its_pins() -> None:
+    import tomllib
+
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    edge = dict(req.split("==", 1) for req in extras["edge"])
+    _, pins = _env_yml()
+    pins = {_norm(n): v for n, v in pins.items()}
+    wrong = {n: (v, pins.get(_norm(n))) for n, v in edge.items() if pins.get(_norm(n)) != v}
+    assert not wrong, f"edge extra (pyproject) vs environment.yml: {wrong}"
+    assert {"paramiko", "faster-whisper", "pocketsphinx", "librosa", "onnxruntime"} <= set(pins)
+    # and the runtime closure the extra pulls in, not only the extra itself
+    closure = {"av", "tokenizers", "huggingface-hub", "numba", "llvmlite", "scipy", "soxr", "cffi", "invoke"}
+    assert closure <= set(pins), closure - set(pins)
+    assert len(pins) > 2 * len(edge)
+
+
+# ------------------------------------------------- check_wheels.py (glibc of the wheels)
+def _load_script(name: str):
+    """A jetson_setup/*.py script as a module (it is run as a script, not installed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SETUP / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+check_wheels = _load_script("check_wheels")
+# Two real shared objects of the project's own venv (requirements.txt pins them)
+import _cffi_backend  # noqa: E402
+import sentencepiece  # noqa: E402
+
+CFFI_SO = Path(_cffi_backend.__file__)  # C, needs only libc
+SPM_SO = next(Path(sentencepiece.__file__).parent.glob("_sentencepiece*.so"))  # C++, a bundled libgomp
+SPM_LIBS = sorted(Path(sentencepiece.__file__).parent.parent.glob("sentencepiece.libs/libgomp-*.so*"))
+needs_readelf = pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) not installed")
+
+
+def _versions_in_bytes(path: Path, family: str) -> set[str]:
+    """The version names the file's string table holds, read without readelf."""
+    return {
+        m.decode()
+        for m in re.findall(rb"(?<=\x00)(" + family.encode() + rb"_[0-9][0-9.]*)(?=\x00)", path.read_bytes())
+    }
+
+
+def test_parse_readelf_orders_versions_numerically_and_stops_at_the_section_end() -> None:
+    text = """ELF Header:
+  Machine:                           AArch64
+Dynamic section at offset 0x1 contains 3 entries:
+ 0x0000000000000001 (NEEDED)             Shared library: [libstdc++.so.6]
+ 0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]
+ 0x000000000000000e (SONAME)             Library soname: [libdemo.so]
+Symbol table '.dynsym' contains 3 entries:
+   Num:    Value          Size Type    Bind   Vis      Ndx Name
+     1: 0000000000000000     0 FUNC    GLOBAL DEFAULT  UND fcntl64@GLIBC_2.28 (3)
+     2: 0000000000000000     0 FUNC    GLOBAL DEFAULT  UND free@GLIBC_2.17 (2)
+Version needs section '.gnu.version_r' contains 2 entries:
+ Addr: 0x0000000000000798  Offset: 0x000798  Link: 4 (.dynstr)
+  000000: Version: 1  File: libstdc++.so.6  Cnt: 2
+  0x0010:   Name: GLIBCXX_3.4.9  Flags: none  Version: 5
+  0x0020:   Name: CXXABI_1.3.11  Flags: none  Version: 4
+  0x0030: Version: 1  File: libc.so.6  Cnt: 3
+  0x0040:   Name: GLIBC_2.2.5  Flags: none  Version: 3
+  0x0050:   Name: GLIBC_2.28  Flags: none  Version: 2
+  0x0060:   Name: GLIBC_2.17  Flags: none  Version: 6
+
+Displaying notes found in: .note.gnu.build-id
+  Name: GLIBC_9.99  Flags: none  Version: 9
+"""
+    info = check_wheels.parse_readelf(text)
+    assert info.machine == "AArch64" and info.soname == "libdemo.so"
+    assert info.needed == ["libstdc++.so.6", "libc.so.6"]
+    assert info.version_needs == {
+        "libstdc++.so.6": {"GLIBCXX_3.4.9", "CXXABI_1.3.11"},
+        "libc.so.6": {"GLIBC_2.2.5", "GLIBC_2.28", "GLIBC_2.17"},
+    }
+    assert info.imports == {"GLIBC_2.28": {"fcntl64"}, "GLIBC_2.17": {"free"}}
+    assert check_wheels.needs_of([info]) == {"GLIBC": "2.28", "GLIBCXX": "3.4.9", "CXXABI": "1.3.11"}
+    assert check_wheels.highest(["GLIBC_2.2.5", "GLIBC_2.17", "GLIBC_2.3.4"], "GLIBC") == "2.17"
+    assert check_wheels.highest(["GLIBCXX_3.4.9", "GLIBCXX_3.4.30", "GLIBC_2.34"], "GLIBCXX") == "3.4.30"
+
+
+@needs_readelf
+def test_readelf_of_real_shared_objects_matches_their_string_tables() -> None:
+    """The venv's own .so files (x86_64 here): what the checker reads equals the highest
+    version names found in each file's bytes, and the 3-part GLIBC_2.2.5 sorts below 2.14."""
+    cffi = check_wheels.readelf(CFFI_SO)
+    spm = check_wheels.readelf(SPM_SO)
+    machine = check_wheels.ELF_MACHINES.get(os.uname().machine, "")
+    assert cffi.machine == spm.machine == machine
+    assert "libc.so.6" in cffi.needed and "libstdc++.so.6" in spm.needed
+    for path, info in ((CFFI_SO, cffi), (SPM_SO, spm)):
+        needs = check_wheels.needs_of([info])
+        for family in check_wheels.FAMILIES:
+            in_bytes = _versions_in_bytes(path, family)
+            expected = max(
+                (v.split("_", 1)[1] for v in in_bytes), key=check_wheels.version_tuple, default=None
+            )
+            assert needs[family] == expected, (path.name, family, in_bytes)
+    assert check_wheels.needs_of([cffi])["GLIBC"] is not None
+    assert check_wheels.needs_of([cffi])["GLIBCXX"] is None  # C only
+    assert check_wheels.needs_of([spm])["GLIBCXX"] and check_wheels.needs_of([spm])["CXXABI"]
+    assert "GLIBC_2.2.5" in _versions_in_bytes(CFFI_SO, "GLIBC") or os.uname().machine != "x86_64"
+
+
+def _wheel(cache: Path, filename: str, files: dict[str, bytes]) -> Path:
+    import zipfile
+
+    path = cache / filename
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SETUP / "check_wheels.py"), *args], capture_output=True, text=True, check=False
+    )
+
+
+@needs_readelf
+def test_check_wheels_offline_judges_each_kind_of_wheel(tmp_path) -> None:
+    """A cache of small wheels made from the venv's real .so files, judged for this machine's
+    architecture against a glibc 2.17 board: each result kind, the table, JSON, exit status."""
+    arch = os.uname().machine
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cffi, spm = CFFI_SO.read_bytes(), SPM_SO.read_bytes()
+    cffi_glibc = check_wheels.needs_of([check_wheels.readelf(CFFI_SO)])["GLIBC"]
+    spm_needs = check_wheels.needs_of([check_wheels.readelf(SPM_SO)])
+    assert check_wheels.version_tuple(cffi_glibc) <= (2, 17) < check_wheels.version_tuple(spm_needs["GLIBC"])
+    _wheel(cache, f"demo_c-1.0-cp311-cp311-manylinux_2_17_{arch}.whl", {"demo_c/_c.so": cffi})
+    _wheel(
+        cache, f"demo_c-1.0-cp311-cp311-manylinux_2_17_{'ppc64le' if arch != 'ppc64le' else 's390x'}.whl", {}
+    )
+    # the C++ module with the libgomp its wheel bundles (what it needs from that is satisfied inside)
+    bundled = {f"demo_cxx.libs/{lib.name}": lib.read_bytes() for lib in SPM_LIBS}
+    _wheel(cache, f"demo_cxx-2.0-cp311-cp311-manylinux_2_17_{arch}.whl", {"demo_cxx/_m.so": spm, **bundled})
+    _wheel(cache, "demo_pure-3.0-py3-none-any.whl", {"demo_pure/__init__.py": b"x = 1\n"})
+    _wheel(cache, f"demo_newtag-4.0-cp311-abi3-manylinux_2_28_{arch}.whl", {"demo_newtag/_c.so": cffi})
+    _wheel(cache, f"demo_other_py-5.0-cp312-cp312-manylinux_2_17_{arch}.whl", {"x/_c.so": cffi})
+    check_wheels.no_wheel_marker(cache, "demo-gone", "6.0", arch, "3.11").write_text("none\n")
+    pins = ["demo-c==1.0", "Demo.CXX==2.0", "demo_pure==3.0", "demo-newtag==4.0", "demo-other-py==5.0"]
+    pins += ["demo-gone==6.0"]
+    report = tmp_path / "r.json"
+    args = ["--cache", str(cache), "--offline", "--arch", arch, "--glibc", "2.17", "--json", str(report)]
+    done = _check(*pins, *args)
+    assert done.returncode == 1, done.stdout + done.stderr
+    results = {r["package"]: r for r in json.loads(report.read_text())["results"]}
+    assert results["demo-c"]["result"] == "OK" and results["demo-c"]["needs"]["GLIBC"] == cffi_glibc
+    assert results["demo-c"]["tag"] == "manylinux_2_17"
+    cxx = results["Demo.CXX"]
+    assert cxx["result"] == "TOO NEW" and cxx["needs"] == spm_needs
+    assert f"GLIBC_{spm_needs['GLIBC']} > 2.17" in cxx["why"] and "tag" not in cxx["why"]
+    assert cxx["too_new_symbols"]["GLIBC"]  # the symbols that need the newer glibc, by name
+    assert cxx["elf_files"] == 1 + len(SPM_LIBS) and "libstdc++.so.6" in cxx["external_needed"]
+    if SPM_LIBS:
+        assert any(lib.startswith("libgomp-") for lib in check_wheels.readelf(SPM_SO).version_needs)
+        assert not any(lib.startswith("libgomp-") for lib in cxx["external_needed"])
+        assert not any(v.startswith(("GOMP_", "OMP_")) for v in cxx["other_version_needs"])
+    assert results["demo_pure"]["result"] == "pure Python" and results["demo_pure"]["elf_files"] == 0
+    newtag = results["demo-newtag"]
+    assert newtag["result"] == "TOO NEW" and newtag["why"].startswith("tag manylinux_2_28")
+    assert results["demo-other-py"]["result"] == "NOT IN CACHE"  # a cp312 wheel is not for 3.11
+    assert results["demo-gone"]["result"] == "NO aarch64 WHEEL"
+    table = done.stdout.splitlines()
+    assert table[0].split() == ["package", "version", "wheel", "tag", "GLIBC", "GLIBCXX", "CXXABI", "result"]
+    assert table[1].split()[:5] == ["board", "JetPack", "4.6", "2.17", "3.4.25"]
+    assert "4 of 6 pins have no wheel that loads on the board" in done.stdout
+    # the same board with glibc 2.27: the C++ module loads; what loads gives exit status 0
+    done = _check(
+        "demo-c==1.0", "demo-cxx==2.0", "demo-pure==3.0", "--cache", str(cache), "--offline", "--arch", arch
+    )
+    assert done.returncode == 0, done.stdout
+    assert "all 3 pins have a wheel that loads on the board" in done.stdout
+    md = _check("demo-c==1.0", "--cache", str(cache), "--offline", "--arch", arch, "--markdown").stdout
+    assert f"| demo-c | 1.0 | manylinux_2_17 | {cffi_glibc} | - | - | **OK** |" in md.splitlines()
+
+
+def test_check_wheels_reads_the_pins_of_environment_yml() -> None:
+    _, pins = _env_yml()
+    assert dict(check_wheels.read_pins(SETUP / "environment.yml")) == pins
+    assert check_wheels.JETPACK_46 == {"GLIBC": "2.27", "GLIBCXX": "3.4.25", "CXXABI": "1.3.11"}
+    readme = (SETUP / "README.md").read_text()
+    assert "check_wheels.py" in readme and "GLIBC_2.34" in readme

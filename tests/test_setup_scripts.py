@@ -230,6 +230,8 @@ def test_scripts_do_what_the_readme_says() -> None:
         "shellcheck",
         "libsndfile1",
         "ffmpeg",
+        "binutils",  # readelf: the Jetson wheel check
+        "iproute2",  # ip netns: the two-machine test puts the device in its own namespace
     ]:
         assert pkg in setup
     assert "ipykernel install --sys-prefix --name python3" in setup
