@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 from elma_utils.config import PROFILES
+from elma_utils.native_logs import quiet_environment
 from elma_utils.server.service import DEFAULT_SERVICE_PORT, MAX_CONTEXT_CHARS, MAX_SERVER_DEADLINE_MS
 
 PROFILE_NAMES = " | ".join(PROFILES)
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# before any command imports TensorFlow: TF_CPP_MIN_LOG_LEVEL=3, GRPC_VERBOSITY=ERROR (unless set);
+# GPUs stay visible and oneDNN stays on (see elma_utils.native_logs)
+quiet_environment(os.environ)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -56,39 +59,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from elma_utils.speech.spoken_qa import SpokenQA, resolve_context
+    """Check every input first (one line, exit 2, nothing loaded), then load the models and answer."""
+    from elma_utils.native_logs import native_noise_filtered
+    from elma_utils.speech.spoken_qa import SpokenQA
 
-    if args.mic and args.audio is not None:
-        raise ValueError("give the spoken question either as --audio FILE or from --mic, not both")
-    if args.audio is None and args.question is None and not args.mic:
-        raise ValueError("give the question as --audio FILE, --mic or --question TEXT")
-    if (args.model is None) == (args.bundle is None):
-        raise ValueError("answer with exactly one of --model DIR (full model) and --bundle DIR (edge model)")
-    context, squad_question = resolve_context(args.context, args.context_file, args.squad_id, args.data_dir)
+    question, context, squad_question, manifest = _check_ask(args)
     spoken = args.audio
     if args.mic:  # fails with a message naming what is missing (PyAudio, a device) before any model loads
         from elma_utils.speech.audio import capture_microphone
 
         spoken = capture_microphone(timeout=args.mic_timeout)
-    answerer = _answerer(args)
     recognizer = None
     if spoken is not None:
         from elma_utils.speech.recognizers import get_recognizer
 
-        options = {"lm": args.lm} if args.engine == "whisper" else {}
-        recognizer = get_recognizer(args.engine, **options)
+        lm, train = args.lm, None if args.data_dir is None else args.data_dir / "train-v1.1.json"
+        if train is not None and lm.strip().lower() == "auto":  # 'auto': the questions of --data-dir
+            lm = str(train) if train.is_file() else None
+        recognizer = get_recognizer(args.engine, **({"lm": lm} if args.engine == "whisper" else {}))
+    with native_noise_filtered():  # TensorFlow/absl/CUDA/LiteRT start-up lines (elma_utils.native_logs)
+        answerer = _answerer(args, manifest)
     qa = SpokenQA(recognizer, answerer)
     try:
-        if spoken is not None:
-            r = qa.ask(spoken, context, reference=args.question or squad_question)
-        else:
-            r = qa.ask_typed(args.question, context)
+        with native_noise_filtered():
+            if spoken is not None:
+                r = qa.ask(spoken, context, reference=question or squad_question)
+            else:
+                r = qa.ask_typed(question, context)
     finally:
         tunnel = getattr(answerer, "tunnel", None)
         if tunnel is not None:
             tunnel.close()
     if args.json:
-        print(json.dumps(r.to_dict(), indent=2))
+        print(json.dumps(r.to_dict(), indent=2, allow_nan=False))  # strict JSON: NaN/inf are null
         return 0
     if spoken is not None:
         print(f"heard:  {r.transcript}")
@@ -98,15 +101,76 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answerer(args: argparse.Namespace):
-    """QAModel (--model), EdgeModel (--bundle), or EdgeQA when --ssh-port names a server."""
+def _check_ask(args: argparse.Namespace) -> tuple[str | None, str, str | None, dict | None]:
+    """Every input of `elma ask`, checked before TensorFlow, Whisper or a model loads; raises a
+    ValueError with one line naming the input and the fix. Returns (question, context, the SQuAD
+    question of --squad-id, the verified bundle manifest)."""
+    from elma_utils.edge import input_checks as check
+    from elma_utils.speech.spoken_qa import resolve_context
+
+    if args.mic and args.audio is not None:
+        raise ValueError("give the spoken question either as --audio FILE or from --mic, not both")
+    if args.audio is None and args.question is None and not args.mic:
+        raise ValueError("give the question as --audio FILE, --mic or --question TEXT")
+    if (args.model is None) == (args.bundle is None):
+        raise ValueError("answer with exactly one of --model DIR (full model) and --bundle DIR (edge model)")
+    offload = {"--ssh-port": args.ssh_port, "--service-port": args.service_port, "--key": args.key,
+               "--known-hosts": args.known_hosts, "--user": args.user}  # fmt: skip
+    given = [name for name, value in offload.items() if value is not None]
+    if given and args.model is not None:
+        them = "it" if len(given) == 1 else "them"
+        raise ValueError(
+            f"{' '.join(given)}: offloading is for the edge model (--bundle DIR); leave {them} out"
+        )
+    if given and args.ssh_port is None:
+        raise ValueError(f"{' '.join(given)} without --ssh-port: give the server's SSH port to offload")
+    question = check.check_question(args.question) if args.question is not None else None
+    if args.audio is not None:
+        check.check_audio_file(args.audio)
+    if args.mic and not args.mic_timeout > 0:
+        raise ValueError(f"--mic-timeout {args.mic_timeout:g}: give the seconds to wait for speech (> 0)")
+    if args.data_dir is not None:
+        check.check_directory(args.data_dir, label="--data-dir")
+    if (args.audio is not None or args.mic) and args.engine == "whisper":
+        check.check_lm(args.lm)
+    context, squad_question = resolve_context(args.context, args.context_file, args.squad_id, args.data_dir)
+    manifest = None
+    if args.model is not None:
+        check.check_model_dir(args.model)
+    else:
+        manifest = check.check_bundle_dir(args.bundle)
+    if args.ssh_port is not None:
+        missing = [n for n in ("--service-port", "--key", "--known-hosts") if offload[n] is None]
+        if missing:
+            raise ValueError(f"offloading needs {' '.join(missing)} too (see `elma ask --help`)")
+        args.ssh_host = check.check_host(args.ssh_host)
+        check.check_port(args.ssh_port, label="--ssh-port")
+        check.check_port(args.service_port, label="--service-port")
+        if args.user is not None:
+            check.check_user(args.user)
+        check.check_private_key(args.key)
+        check.check_known_hosts(args.known_hosts, args.ssh_host, args.ssh_port)
+        check.check_device_id(args.device_id)
+        check.check_outbox_path(args.outbox)
+    return question, context, squad_question, manifest
+
+
+def _answerer(args: argparse.Namespace, manifest: dict | None = None):
+    """QAModel (--model), EdgeModel (--bundle), or EdgeQA when --ssh-port names a server.
+
+    `manifest`: the bundle's, already verified by `check_bundle_dir` (its files are not hashed again)."""
     if args.model is not None:
         from elma_utils.model.inference import QAModel
 
         return QAModel.load(args.model)
     from elma_utils.edge.runtime import EdgeModel
 
-    edge = EdgeModel.load(args.bundle)
+    if manifest is None:
+        edge = EdgeModel.load(args.bundle)
+    else:
+        from elma_utils.export.bundle import read_thresholds
+
+        edge = EdgeModel(Path(args.bundle), manifest, read_thresholds(args.bundle))
     if args.ssh_port is None:
         return edge
     import getpass
@@ -115,9 +179,6 @@ def _answerer(args: argparse.Namespace):
     from elma_utils.edge.outbox import Outbox
     from elma_utils.edge.ssh_client import SSHTunnelClient
 
-    missing = [n for n in ("key", "known_hosts", "service_port") if getattr(args, n) is None]
-    if missing:
-        raise ValueError("offloading needs --" + " --".join(m.replace("_", "-") for m in missing))
     tunnel = SSHTunnelClient(args.ssh_host, args.ssh_port, args.user or getpass.getuser(), args.key,
                              args.known_hosts, ("127.0.0.1", args.service_port))  # fmt: skip
     return EdgeQA(edge, tunnel, Outbox(args.outbox), device_id=args.device_id)
@@ -157,11 +218,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from elma_utils.server.service import serve
+    """Check addresses, files and the growth settings (one line, exit 2) before the model loads."""
+    import shlex
 
+    from elma_utils.server.service import configure_logging, serve
+
+    configure_logging(args.log_level)
+    growth = None
+    if args.grow_after is not None or args.grow_every is not None or args.grow_config is not None:
+        from elma_utils.server.growth import GrowthSettings, load_config
+
+        settings = load_config(args.grow_config) if args.grow_config is not None else {}
+        if args.grow_after is not None:
+            settings["after"] = args.grow_after
+        if args.grow_every is not None:
+            settings["every_s"] = args.grow_every
+        if args.full_model is not None:
+            settings["full_model"] = args.full_model
+        if args.grow_command is not None:
+            settings["command"] = shlex.split(args.grow_command)
+        growth = GrowthSettings(**settings).check()
+    elif args.full_model is not None or args.grow_command is not None:
+        raise ValueError("--full-model and --grow-command are for the growth loop: add --grow-after N")
     serve(
         args.model,
         args.store,
+        server_root=args.server_root,
+        listen=args.listen,
         port=args.port,
         unix_socket=args.unix,
         service_port=args.service_port,
@@ -173,8 +256,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_context_chars=args.max_context_chars,
         max_deadline_ms=args.max_deadline_ms,
+        drain_s=args.drain_seconds,
+        growth=growth,
         ready=lambda line: print(line, flush=True),
     )
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from elma_utils.server.status import collect_status, format_status, to_json
+
+    if args.recent < 0:
+        raise ValueError(f"--recent {args.recent}: give how many recent questions to show (0 or more)")
+    status = collect_status(
+        args.server_root, store=args.store, authorized_keys=args.authorized_keys, recent=args.recent
+    )
+    print(to_json(status) if args.json else format_status(status))
     return 0
 
 
@@ -271,6 +368,31 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEVICE_INIT_OPTIONS = ("device_id", "server", "user", "service", "model_root", "bundle", "context_file",
+                        "input", "folder", "engine", "sync_interval", "remote_root", "speak", "authorized_keys")  # fmt: skip
+
+
+def _cmd_device(args: argparse.Namespace) -> int:
+    if args.action == "init":
+        from elma_utils.edge.device_config import init_device
+
+        if args.json:
+            raise ValueError("--json is for `elma device run`")
+        options = {k: getattr(args, k) for k in _DEVICE_INIT_OPTIONS if getattr(args, k) not in (None, False)}
+        if "input" in options:
+            options["input_kind"] = options.pop("input")
+        print(init_device(args.config, **options).instructions())
+        return 0
+    given = [k for k in _DEVICE_INIT_OPTIONS if getattr(args, k) not in (None, False)]
+    if given:
+        raise ValueError(
+            f"--{given[0].replace('_', '-')} is for `elma device init`; edit {args.config} instead"
+        )
+    from elma_utils.edge.device import run_device
+
+    return run_device(args.config, json_lines=args.json)
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from elma_utils.pipeline import PipelineError, run_pipeline
 
@@ -327,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lm",
         default="auto",
         help="whisper: rescore its n-best list with a question language model: 'auto' (the questions of "
-        "train-v1.1.json in the data directory, when there), 'none', a saved LM (.json.gz) or a SQuAD file",
+        "train-v1.1.json in the data directory, when there; built once, about a minute, then cached), "
+        "'none' (no LM), a saved LM (.json.gz) or a SQuAD file",
     )
     g = a.add_mutually_exclusive_group(required=True)
     g.add_argument("--context", help="the text the question is about")
@@ -345,7 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--user", default=None)
     o.add_argument("--key", type=Path, default=None, help="this device's ed25519 private key")
-    o.add_argument("--known-hosts", type=Path, default=None, help="the server's pinned host key")
+    o.add_argument(
+        "--known-hosts",
+        type=Path,
+        default=None,
+        help="known_hosts file pinning the server's host key (not its .pub): ssh-keyscan -t ed25519 -p PORT HOST",
+    )
     o.add_argument("--outbox", type=Path, default=Path("edge/outbox.sqlite3"))
     o.add_argument("--device-id", default="edge")
     a.add_argument("--json", action="store_true")
@@ -369,26 +497,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=_cmd_bench)
 
-    sv = sub.add_parser("serve", help="answer offloaded questions (loopback only; devices come in over SSH)")
+    sv = sub.add_parser(
+        "serve",
+        help="the server program: the full model behind ELMA's SSH endpoint, the store, the growth loop",
+    )
     sv.add_argument("--model", type=Path, required=True, help="the full model's artifact directory")
-    sv.add_argument("--store", type=Path, default=Path("server/hard-questions.sqlite3"))
+    sv.add_argument(
+        "--server-root",
+        type=Path,
+        default=None,
+        help="one directory for everything (elma_utils.server.status.ServerLayout): the store, "
+        "authorized_keys, host key, bundles/ (SFTP), growth/; the options below override its files",
+    )
+    sv.add_argument(
+        "--listen",
+        default=None,
+        help="ELMA's SSH endpoint on HOST:PORT, e.g. 0.0.0.0:2222, [::]:2222 (IPv6 and IPv4), 10.0.0.1:2222",
+    )
+    sv.add_argument("--ssh-port", type=int, default=None, help="short for --listen 127.0.0.1:PORT")
+    sv.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="the hard-question store (default: <server-root>/hard-questions.sqlite3, "
+        "else server/hard-questions.sqlite3)",
+    )
     sv.add_argument(
         "--port",
         type=int,
         default=None,
-        help="loopback TCP port (0: any free one, printed); default: a Unix socket behind --ssh-port, else any free port",
+        help="the model service on this loopback TCP port (0: any free one, printed); default: a Unix "
+        "socket behind --listen, else any free port",
     )
     sv.add_argument(
         "--service-port",
         type=int,
         default=DEFAULT_SERVICE_PORT,
-        help="with a Unix socket behind --ssh-port: the 127.0.0.1 port devices name in their forwards",
+        help="with a Unix socket behind --listen: the 127.0.0.1 port devices name in their forwards",
     )
-    sv.add_argument("--unix", default=None, help="listen on this Unix socket instead of TCP")
-    sv.add_argument("--ssh-port", type=int, default=None, help="also run ELMA's own SSH endpoint here")
-    sv.add_argument("--authorized-keys", type=Path, default=None, help="client keys the endpoint accepts")
-    sv.add_argument("--host-key", type=Path, default=None, help="endpoint host key (made when missing)")
-    sv.add_argument("--sftp-root", type=Path, default=None, help="read-only SFTP root (edge bundles)")
+    sv.add_argument("--unix", default=None, help="the model service on this Unix socket instead of TCP")
+    sv.add_argument(
+        "--authorized-keys",
+        type=Path,
+        default=None,
+        help="registered devices (default: <server-root>/authorized_keys)",
+    )
+    sv.add_argument(
+        "--host-key",
+        type=Path,
+        default=None,
+        help="endpoint host key, made when missing (default: in --server-root)",
+    )
+    sv.add_argument(
+        "--sftp-root", type=Path, default=None, help="read-only SFTP root (default: <server-root>/bundles)"
+    )
     sv.add_argument("--null-threshold", type=float, default=None, help="SQuAD 2.0 no-answer threshold")
     sv.add_argument("--max-batch", type=int, default=16)
     sv.add_argument(
@@ -400,7 +562,51 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--max-deadline-ms", type=int, default=MAX_SERVER_DEADLINE_MS, help="longer deadlines are cut to this"
     )
+    sv.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM: how long asks in flight may take to finish",
+    )
+    sv.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="stderr log level"
+    )
+    gr = sv.add_argument_group(
+        "growth loop (retrain/distil → gate → publish in a niced process; needs --server-root)"
+    )
+    gr.add_argument("--grow-after", type=int, default=None, help="run after N new stored hard questions")
+    gr.add_argument("--grow-every", type=float, default=None, help="or every SECONDS when there are new ones")
+    gr.add_argument(
+        "--full-model", type=Path, default=None, help="the backbone the edge exits sit on (default: --model)"
+    )
+    gr.add_argument(
+        "--grow-config",
+        type=Path,
+        default=None,
+        help="TOML: after, every, full_model, command, and a [retrain] table of retrain_edge options",
+    )
+    gr.add_argument(
+        "--grow-command",
+        default=None,
+        help="run this instead of `python -m elma_utils.server.growth run` (gets $ELMA_STORE, "
+        "$ELMA_SERVER_ROOT, $ELMA_GROWTH_RESULT ...)",
+    )
     sv.set_defaults(func=_cmd_serve)
+
+    st = sub.add_parser(
+        "status", help="server: stored questions, devices, the published version, the growth loop's last run"
+    )
+    st.add_argument("--server-root", type=Path, required=True)
+    st.add_argument("--store", type=Path, default=None, help="default: <server-root>/hard-questions.sqlite3")
+    st.add_argument(
+        "--authorized-keys",
+        type=Path,
+        default=None,
+        help="registered devices (default: <server-root>/authorized_keys when there)",
+    )
+    st.add_argument("--recent", type=int, default=10, help="how many of the latest stored questions to show")
+    st.add_argument("--json", action="store_true", help="strict JSON")
+    st.set_defaults(func=_cmd_status)
 
     ks = sub.add_parser("keys", help="add, list or revoke devices in the server's authorized_keys")
     ks.add_argument("action", choices=("add", "revoke", "list"))
@@ -473,6 +679,35 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--no-smoke", action="store_true", help="skip the smoke question before the swap")
     sy.add_argument("--rollback", action="store_true")
     sy.set_defaults(func=_cmd_sync)
+
+    dv = sub.add_parser(
+        "device", help="the device program: `init` a board's config and key, or `run` it (the default)"
+    )
+    dv.add_argument("action", nargs="?", default="run", choices=("init", "run"))
+    dv.add_argument("--config", type=Path, required=True, help="the device's TOML file (init writes it)")
+    dv.add_argument("--json", action="store_true", help="run: one JSON object per answer on stdout")
+    di = dv.add_argument_group("init only (the values written into the new config)")
+    di.add_argument("--device-id", default=None, help="default: the host name")
+    di.add_argument("--server", default=None, help="HOST[:SSH_PORT] or [IPv6]:PORT (default 127.0.0.1:22)")
+    di.add_argument("--user", default=None, help="the SSH user on the server (default elma)")
+    di.add_argument(
+        "--service", default=None, help="the model service's address on the server (127.0.0.1:7433)"
+    )
+    di.add_argument(
+        "--model-root", type=Path, default=None, help="bundles kept up to date by sync (default: bundles/)"
+    )
+    di.add_argument("--bundle", type=Path, default=None, help="or a fixed bundle directory")
+    di.add_argument("--context-file", type=Path, default=None, help="the text questions are about")
+    di.add_argument("--input", default=None, choices=("stdin", "folder", "microphone"))
+    di.add_argument("--folder", type=Path, default=None, help="--input folder: where audio files arrive")
+    di.add_argument("--engine", default=None, choices=("whisper", "sphinx"))
+    di.add_argument("--sync-interval", type=float, default=None, help="seconds between syncs (0: off)")
+    di.add_argument("--remote-root", default=None, help="the bundles directory on the server's SFTP")
+    di.add_argument("--speak", action="store_true", help="say answers with espeak-ng")
+    di.add_argument(
+        "--authorized-keys", default=None, help="the server's authorized_keys, for `elma keys add`"
+    )
+    dv.set_defaults(func=_cmd_device)
 
     pl = sub.add_parser("pipeline", help="run the notebooks in order with papermill")
     pl.add_argument("--profile", default=None, help=f"{PROFILE_NAMES} (default: $ELMA_PROFILE or cpu)")

@@ -9,6 +9,12 @@
 - :mod:`.client`: ``EdgeQA``: answer on the device, offload what it cannot settle.
 - :mod:`.outbox`: the SQLite queue of offloads the server has not received yet.
 - :mod:`.sync`: fetch, verify and swap in new bundles (SFTP, sha256, atomic, rollback).
+- :mod:`.input_checks`: one-line checks of every input (question, audio, keys, known_hosts,
+  bundle) before any model loads.
+- :mod:`.device_config`: ``elma device init`` and the device's TOML config, checked whole.
+- :mod:`.question_sources`: questions from stdin, a watched folder (each file once), a microphone.
+- :mod:`.device`: ``elma device run``: the long-running loop, background outbox drain and sync,
+  the model swapped between questions.
 
 The speech front end is :mod:`elma_utils.speech` (also TensorFlow-free). A test imports every
 module here in a fresh interpreter and fails if ``tensorflow`` or ``keras`` comes with it.

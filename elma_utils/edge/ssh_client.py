@@ -316,11 +316,18 @@ class SSHTunnelClient:
                 f"{known_hosts_name(self.host, self.port)}. Pin the server's key with:\n"
                 f"  {keyscan_command(self.host, self.port, self.known_hosts_path)}"
             )
+        client = paramiko.SSHClient()
+        try:
+            client.load_host_keys(str(self.known_hosts_path))
+        except (paramiko.hostkeys.InvalidHostKey, ValueError, UnicodeDecodeError) as exc:
+            raise HostKeyError(
+                f"{self.known_hosts_path} is not a known_hosts file ({exc}); a line reads "
+                f"'{known_hosts_name(self.host, self.port)} ssh-ed25519 AAAA...' (a .pub file lacks the host name). "
+                f"Pin the server's key with:\n  {keyscan_command(self.host, self.port, self.known_hosts_path)}"
+            ) from None
         started = time.monotonic()
         sock = socket.create_connection((self.host, self.port), timeout=remaining)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = paramiko.SSHClient()
-        client.load_host_keys(str(self.known_hosts_path))
         client.set_missing_host_key_policy(_RefuseUnpinnedHost(self.port, self.known_hosts_path))
         try:
             client.connect(

@@ -16,13 +16,14 @@ Layers, each replaceable:
   sends takes the server down.
 - ``OffloadServer``: a threaded socket server bound to loopback only (TCP or a Unix socket);
   the encrypted ways in are SSH: OpenSSH's port forwarding, or ``SSHEndpoint`` (started by
-  ``elma serve --ssh-port``) forwarding to this socket.
+  ``elma serve --listen HOST:PORT``) forwarding to this socket.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from elma_utils.edge.identity import DeviceRegistry
@@ -126,16 +127,50 @@ class OffloadService:
         self.max_context_chars = int(max_context_chars)
         self.registry = registry
         self.batcher = MicroBatcher(answerer.answer_batch, max_batch, max_wait_ms)
+        self.on_stored: Callable[[], None] | None = None  # called after each newly stored ask (growth loop)
+        self._busy = threading.Condition()
+        self._in_flight = 0
+        self._draining = False
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count one request, from its arrival until its reply is sent (``drain`` waits for these)."""
+        with self._busy:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._busy:
+                self._in_flight -= 1
+                self._busy.notify_all()
+
+    def drain(self, timeout: float) -> int:
+        """Refuse new asks (``overloaded``: the device keeps them and asks again later) and wait up
+        to ``timeout`` seconds for the requests in flight; returns how many were still running."""
+        deadline = time.monotonic() + timeout
+        with self._busy:
+            self._draining = True
+            while self._in_flight and (left := deadline - time.monotonic()) > 0:
+                self._busy.wait(left)
+            return self._in_flight
+
+    def busy(self) -> int:
+        """Requests received and not yet answered."""
+        with self._busy:
+            return self._in_flight
 
     def handle_line(self, line: bytes) -> bytes:
         """One received line → the encoded reply line (never raises for bad input)."""
+        t0 = time.perf_counter()
         try:
             msg = decode(line)
         except ProtocolError as err:
+            log.warning("refused a message: %s", err)
             return encode(error_reply_for(err))
         try:
             return encode(self.handle(msg))
-        except ProtocolError as err:
+        except ProtocolError as err:  # the client's mistake (or overload): one line, no traceback
+            _log_refusal(msg, err, t0)
             return encode(error_reply_for(err, getattr(msg, "id", None)))
         except Exception as exc:
             log.exception("request %s failed", getattr(msg, "id", None))
@@ -152,6 +187,9 @@ class OffloadService:
 
     def ask(self, req: AskRequest) -> AnswerReply | ErrorReply:
         t0 = time.perf_counter()
+        log.debug("ask device=%s id=%s received", req.device_id, req.id)
+        if self._draining:
+            raise ProtocolError("overloaded", "the server is shutting down; ask again later", req.id)
         if self.registry is not None:
             self.registry.verify(req)
         if req.context is not None and len(req.context) > self.max_context_chars:
@@ -191,16 +229,29 @@ class OffloadService:
         stored_req = req if req.context is not None else _with_context(req, context)
         stored = self.store.record(stored_req, reply)  # durable before the edge hears of it
         log.info(
-            "ask device=%s id=%s %s %.1f ms",
+            "ask device=%s id=%s source=server %s %.1f ms",
             req.device_id,
             req.id,
             "retry" if stored.duplicate else "stored",
             (time.perf_counter() - t0) * 1000,
         )
+        if not stored.duplicate and self.on_stored is not None:
+            self.on_stored()
         return reply
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def _log_refusal(msg: Message, err: ProtocolError, t0: float) -> None:
+    ms = (time.perf_counter() - t0) * 1000
+    if isinstance(msg, AskRequest):
+        log.warning(
+            "ask device=%s id=%s source=server refused %s: %s %.1f ms",
+            msg.device_id, msg.id, err.code, err.message, ms,
+        )  # fmt: skip
+    else:
+        log.warning("refused %s %s: %s", type(msg).TYPE, getattr(msg, "id", None), err)
 
 
 def _with_context(req: AskRequest, context: str) -> AskRequest:
@@ -225,15 +276,16 @@ class _Handler(socketserver.BaseRequestHandler):
                         sock.sendall(encode(error_reply_for(err)))
                 return
             for item in reader.feed(chunk):
-                reply = (
-                    encode(error_reply_for(item))
-                    if isinstance(item, ProtocolError)
-                    else service.handle_line(item)
-                )
-                try:
-                    sock.sendall(reply)
-                except OSError:
-                    return
+                with service.in_flight():  # until the reply is written: a draining server waits for it
+                    reply = (
+                        encode(error_reply_for(item))
+                        if isinstance(item, ProtocolError)
+                        else service.handle_line(item)
+                    )
+                    try:
+                        sock.sendall(reply)
+                    except OSError:
+                        return
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -263,7 +315,7 @@ class OffloadServer:
         if unix_socket is None and host not in LOOPBACK:
             raise ValueError(
                 f"the offload service listens on loopback only (got host {host!r}); "
-                "remote devices come in over SSH (OpenSSH port forwarding or `elma serve --ssh-port`)"
+                "remote devices come in over SSH (OpenSSH port forwarding or `elma serve --listen HOST:PORT`)"
             )
         self.store = HardQuestionStore(store_path)
         self.service = OffloadService(answerer, self.store, **service_options)
@@ -285,6 +337,7 @@ class OffloadServer:
             self._server = _TCPServer((host, port), _Handler)
         self._server.service = self.service  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
+        self._serving = False
 
     @property
     def address(self):
@@ -296,21 +349,29 @@ class OffloadServer:
         return int(addr[1]) if isinstance(addr, tuple) else None
 
     def start(self) -> OffloadServer:
+        self._serving = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="elma-serve", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
+        self._serving = True
         self._server.serve_forever()
 
-    def close(self) -> None:
-        self._server.shutdown()
+    def stop_accepting(self) -> None:
+        """Close the listening socket (and remove a Unix socket's path); open connections go on."""
+        if self._serving:
+            self._server.shutdown()  # serve_forever returns; handler threads keep running
+            self._serving = False
         self._server.server_close()
-        self.service.close()
-        self.store.close()
         if isinstance(self.address, str):
             with contextlib.suppress(FileNotFoundError):
                 Path(self.address).unlink()
+
+    def close(self) -> None:
+        self.stop_accepting()
+        self.service.close()
+        self.store.close()
 
     def __enter__(self) -> OffloadServer:
         return self.start()
@@ -319,10 +380,83 @@ class OffloadServer:
         self.close()
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host, port): an IPv4 address, or an IPv6 one in brackets (``[::]:2222``).
+
+    Raises ValueError with one line saying what a good address looks like."""
+    example = "e.g. 0.0.0.0:2222, [::]:2222 or 10.0.0.1:2222"
+    host, sep, port_text = str(text).strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"--listen {text!r}: give HOST:PORT with a port 0-65535 ({example})")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            addr = None
+        if addr is None or addr.version != 6:
+            raise ValueError(f"--listen {text!r}: {host!r} in brackets is not an IPv6 address ({example})")
+    else:
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"--listen {text!r}: {host!r} is not an IP address ({example})") from None
+        if addr.version == 6:
+            raise ValueError(
+                f"--listen {text!r}: write an IPv6 address in brackets, e.g. [{host}]:{port_text}"
+            )
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind (and release) ``host:port`` now, so a wrong address fails before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
+            ) from None
+
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str | int = "info") -> None:
+    """Timestamped log lines on stderr (one per ask: ``ask device=... id=... source=server ... ms``).
+
+    Paramiko's own per-connection chatter stays out unless ``level`` is debug."""
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else int(level)
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_elma", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S"))
+    handler._elma = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    logging.getLogger("paramiko").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+
+
+DRAIN_SECONDS = 10.0
+
+
 def serve(
     model_dir: str | Path,
-    store_path: str | Path,
+    store_path: str | Path | None = None,
     *,
+    server_root: str | Path | None = None,
+    listen: str | tuple[str, int] | None = None,
     port: int | None = None,
     unix_socket: str | Path | None = None,
     ssh_port: int | None = None,
@@ -334,31 +468,86 @@ def serve(
     max_batch: int = 16,
     max_context_chars: int = MAX_CONTEXT_CHARS,
     max_deadline_ms: int = MAX_SERVER_DEADLINE_MS,
+    drain_s: float = DRAIN_SECONDS,
+    growth=None,
     ready: Callable[[str], None] = print,
     stop: threading.Event | None = None,
 ) -> None:
-    """Load the model once, listen on loopback (and the SSH endpoint), serve until ``stop``
-    is set or SIGTERM/SIGINT. ``ready`` gets one line per listening address.
+    """Load the model once, listen on loopback (and ELMA's SSH endpoint), serve until ``stop``
+    is set or SIGTERM/SIGINT, then stop cleanly. ``ready`` gets one line per listening address.
 
-    With ``authorized_keys`` every ask must be signed by the key registered for its device
-    id (``device_identity``); give it also when devices come in through an sshd.
+    ``listen``: the SSH endpoint's address, ``"HOST:PORT"`` (``"[::]:2222"``: IPv6 and IPv4) or a
+    tuple; ``ssh_port=N`` is short for ``127.0.0.1:N``. The model service itself never leaves
+    loopback: behind the endpoint it listens on a Unix socket (mode 0600, beside the store)
+    unless ``port`` or ``unix_socket`` says otherwise; devices still name a TCP address in
+    their forwards, ``127.0.0.1:service_port``, which the endpoint connects to the socket.
 
-    Behind ELMA's SSH endpoint (``ssh_port``) the service listens on a Unix socket (mode
-    0600, beside the store) unless ``port`` or ``unix_socket`` says otherwise: then no other
-    local user can reach it unauthenticated over TCP. Devices still name a TCP address in
-    their forwards, ``127.0.0.1:service_port``; the endpoint connects it to the socket."""
+    ``server_root`` (``status.ServerLayout``) gives the defaults: the store, authorized_keys,
+    the host key and the bundles as the SFTP root; explicit arguments win. With
+    ``authorized_keys`` every ask must be signed by the key registered for its device id.
+
+    ``growth``: ``growth.GrowthSettings``; runs the growth loop beside the server (needs
+    ``server_root``).
+
+    Stopping (SIGTERM): no new connections, new asks are refused as ``overloaded`` (devices keep
+    them and ask again), the asks in flight are answered and stored (up to ``drain_s``), a
+    growth step is interrupted, then the endpoint, the service, the batcher and the store close.
+
+    Every address and file is checked before the model loads; mistakes raise ValueError or
+    FileNotFoundError with one line."""
     import signal
 
-    if ssh_port is not None and (authorized_keys is None or host_key is None):
-        raise ValueError("--ssh-port needs --authorized-keys FILE and --host-key FILE")
+    from elma_utils.server.status import ServerLayout
+
+    layout = ServerLayout(Path(server_root)) if server_root is not None else None
+    if layout is not None:
+        layout.root.mkdir(parents=True, exist_ok=True)
+    if listen is not None and ssh_port is not None:
+        raise ValueError("give the SSH endpoint's address once: --listen HOST:PORT or --ssh-port N")
+    if ssh_port is not None:
+        listen = ("127.0.0.1", int(ssh_port))
+    if isinstance(listen, str):
+        listen = parse_listen(listen)
+    if listen is not None:
+        check_can_listen(*listen)
+    if port:
+        check_can_listen("127.0.0.1", port)
+    if store_path is None:
+        store_path = layout.store if layout is not None else Path("server/hard-questions.sqlite3")
+    if layout is not None:
+        if authorized_keys is None and (listen is not None or layout.authorized_keys.is_file()):
+            authorized_keys = layout.authorized_keys
+        host_key = host_key if host_key is not None else layout.host_key
+        if sftp_root is None and listen is not None:
+            sftp_root = layout.bundles
+            Path(sftp_root).mkdir(parents=True, exist_ok=True)
+    if listen is not None and (authorized_keys is None or host_key is None):
+        raise ValueError(
+            "the SSH endpoint (--listen) needs --authorized-keys FILE and --host-key FILE (or --server-root DIR)"
+        )
+    if listen is not None and not Path(authorized_keys).is_file():
+        raise FileNotFoundError(
+            f"authorized_keys {authorized_keys} not found: register a device first "
+            f"(elma keys add --authorized-keys {authorized_keys} --device ID --public-key FILE.pub)"
+        )
     if port is not None and unix_socket is not None:
         raise ValueError("listen on a TCP --port or a --unix socket, not both")
-    if ssh_port is not None and port is None and unix_socket is None:
+    if growth is not None and layout is None:
+        raise ValueError("the growth loop (--grow-after / --grow-every) needs --server-root DIR")
+    if listen is not None and port is None and unix_socket is None:
         unix_socket = Path(store_path).resolve().parent / "elma-service.sock"
         Path(unix_socket).parent.mkdir(parents=True, exist_ok=True)
     registry = DeviceRegistry(authorized_keys) if authorized_keys is not None else None  # checks the file
+    if growth is not None:
+        growth.full_model = growth.full_model or Path(model_dir)
+        growth.check()
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: no such model directory")
     stop = stop or threading.Event()
-    answerer = ModelAnswerer.load(model_dir, null_threshold)
+    from elma_utils.native_logs import native_noise_filtered
+
+    with native_noise_filtered():  # TensorFlow's start-up chatter (elma_utils.native_logs)
+        answerer = ModelAnswerer.load(model_dir, null_threshold)
     server = OffloadServer(
         answerer,
         store_path,
@@ -370,7 +559,7 @@ def serve(
         registry=registry,
     )
     server.start()
-    endpoint = None
+    endpoint = supervisor = None
     try:
         where = server.address if unix_socket is not None else f"127.0.0.1:{server.port}"
         ready(f"elma serve: model {answerer.model_version} listening on {where}")
@@ -378,7 +567,7 @@ def serve(
             ready("elma serve: no --authorized-keys: device ids are taken on trust (local use only)")
         else:
             ready(f"elma serve: asks must be signed by one of {len(registry.devices())} registered devices")
-        if ssh_port is not None:
+        if listen is not None:
             from elma_utils.edge.ssh_keys import fingerprint, generate_ed25519_key, load_private_key
             from elma_utils.server.ssh_endpoint import SSHEndpoint
 
@@ -389,21 +578,53 @@ def serve(
                 host_key,
                 authorized_keys,
                 target,
-                port=ssh_port,
+                host=listen[0],
+                port=listen[1],
                 sftp_root=sftp_root,
                 advertised_port=service_port if unix_socket is not None else None,
             ).start()
             ready(
-                f"elma serve: SSH endpoint on 127.0.0.1:{endpoint.port} "
+                f"elma serve: SSH endpoint on {format_address(listen[0], endpoint.port)} "
                 f"(host key {fingerprint(load_private_key(Path(host_key)))}); "
                 f"devices forward to {endpoint.advertised[0]}:{endpoint.advertised[1]}"
             )
+        if growth is not None:
+            from elma_utils.server.growth import GrowthSupervisor
+
+            supervisor = GrowthSupervisor(layout.root, store_path, growth).start()
+            server.service.on_stored = supervisor.notify_stored
+            ready(
+                f"elma serve: growth loop on ({supervisor.new_questions()} new stored questions; "
+                f"state {layout.growth_state})"
+            )
+        received: list[str] = []
+
+        def on_signal(signum: int, _frame) -> None:
+            received.append(signal.Signals(signum).name)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (tests): rely on `stop`
-                signal.signal(sig, lambda *_: stop.set())
+                signal.signal(sig, on_signal)
         while not stop.wait(0.5):
             pass
+        busy = server.service.busy()
+        log.info(
+            "elma serve: %s: stopping; waiting up to %g s for %d request(s) in flight",
+            received[0] if received else "stop requested", drain_s, busy,
+        )  # fmt: skip
+        if endpoint is not None:
+            endpoint.stop_accepting()
+        server.stop_accepting()
+        if supervisor is not None:
+            supervisor.request_stop()
+        left = server.service.drain(drain_s)
+        if left:
+            log.warning("elma serve: %d request(s) still running after %g s; closing anyway", left, drain_s)
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         if endpoint is not None:
             endpoint.close()
         server.close()
+    log.info("elma serve: stopped")

@@ -47,6 +47,7 @@ PARAMIKO_LOG_CHANNEL = "paramiko.transport.elma_endpoint"  # every endpoint tran
 WATCHDOG_TICK_S = 0.25
 RACY_MTIME_NS = 2_000_000_000  # a file changed this recently may change again within one mtime tick
 LIMITED_LOG_EVERY_S = 10.0
+RELAY_THREAD = "ssh-endpoint-relay-"
 
 
 def relay(chan: paramiko.Channel, sock: socket.socket, stopping: threading.Event) -> None:
@@ -77,9 +78,19 @@ def relay(chan: paramiko.Channel, sock: socket.socket, stopping: threading.Event
     except (OSError, EOFError, paramiko.SSHException):
         pass
     finally:
+        if from_sock and stopping.is_set():  # closing: what the service already sent still reaches the device
+            _pass_on_pending(sock, chan)
         sock.close()
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             chan.close()  # sends CHANNEL_CLOSE, which fails if the connection is already gone
+
+
+def _pass_on_pending(sock: socket.socket, chan: paramiko.Channel) -> None:
+    """Forward the bytes already waiting on ``sock`` (a reply written before the stop) to ``chan``."""
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        sock.setblocking(False)
+        while not chan.closed and (data := sock.recv(RELAY_CHUNK)):
+            chan.sendall(data)
 
 
 class ReadOnlySFTPServer(paramiko.SFTPServerInterface):
@@ -424,7 +435,9 @@ class SSHEndpoint:
         self.max_unauthenticated_per_source = max_unauthenticated_per_source
         self.key_recheck_s = key_recheck_s
         self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._not_accepting = threading.Event()
         self._lock = threading.Lock()
         self._peers: set[_Peer] = set()
         self._threads: set[threading.Thread] = set()
@@ -442,12 +455,19 @@ class SSHEndpoint:
             return self
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self._requested_port))
-        listener.listen(128)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and self.host == "::":  # dual stack: IPv4 devices too
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind((self.host, self._requested_port))
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
         self._listener = listener
         self._stopping.clear()
-        self._spawn(self._accept_loop, "ssh-endpoint-accept")
+        self._not_accepting.clear()
+        self._accept_thread = self._spawn(self._accept_loop, "ssh-endpoint-accept")
         self._spawn(self._watchdog, "ssh-endpoint-watchdog")
         log.info(
             "endpoint: listening on %s:%d, forwarding %s:%d to %s",
@@ -495,11 +515,26 @@ class SSHEndpoint:
                 peer.transport.close()
         return len(peers)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop listening, close all connections and wait for their threads."""
-        self._stopping.set()
+    def stop_accepting(self, timeout: float = 5.0) -> None:
+        """Stop listening; connected devices keep their connections and channels (a graceful stop)."""
+        self._not_accepting.set()
+        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
+            self._accept_thread.join(timeout)
         if self._listener is not None:
             self._listener.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop listening, close all connections and wait for their threads.
+
+        Forwards end first (within 0.5 s), each passing on the bytes the service had already
+        sent, so a reply written before ``close`` still reaches its device."""
+        self._stopping.set()
+        self.stop_accepting(timeout)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            relays = [th for th in self._threads if th.name.startswith(RELAY_THREAD)]
+        for th in relays:
+            th.join(max(0.0, deadline - time.monotonic()))
         self.drop_connections()
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -516,7 +551,7 @@ class SSHEndpoint:
         self.close()
 
     # -- internals --------------------------------------------------------------------------------
-    def _spawn(self, fn, name: str, *args) -> None:
+    def _spawn(self, fn, name: str, *args) -> threading.Thread:
         def run():
             try:
                 fn(*args)
@@ -528,6 +563,7 @@ class SSHEndpoint:
         with self._lock:
             self._threads.add(th)
         th.start()
+        return th
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -621,7 +657,7 @@ class SSHEndpoint:
             ),
             "refused_unauthenticated": lambda: f"{self.max_unauthenticated} unauthenticated connections",
         }
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self._not_accepting.is_set():
             try:
                 readable, _, _ = select.select([listener], [], [], 0.25)
                 if not readable:
@@ -714,7 +750,7 @@ class SSHEndpoint:
                     continue
                 target = gate.take(chan.get_id())
                 if target is not None:
-                    self._spawn(relay, f"ssh-endpoint-relay-{peer.addr[1]}", chan, target, self._stopping)
+                    self._spawn(relay, f"{RELAY_THREAD}{peer.addr[1]}", chan, target, self._stopping)
                 # else: a session channel, served by the sftp subsystem handler thread
         except (paramiko.SSHException, EOFError, OSError) as exc:
             error = exc

@@ -22,6 +22,7 @@ context options (text, file or SQuAD id) into that context.
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,13 +94,22 @@ class SpokenAnswer:
         return asr / 1000 / self.audio_seconds if self.audio_seconds else float("nan")
 
     def to_dict(self) -> dict:
-        """Plain json-able dict (for ``elma ask --json``)."""
+        """Plain dict for strict JSON (``elma ask --json``): a number that is not finite (the
+        real-time factor of a typed question, which has no audio) becomes None."""
         out = asdict(self)
         out["where"] = self.where
-        out["wer"] = None if self.wer is None else round(self.wer, 4)
-        out["real_time_factor"] = round(self.real_time_factor, 4)
-        out["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
+        out["wer"] = _finite(self.wer, 4)
+        out["audio_seconds"] = _finite(self.audio_seconds)
+        out["real_time_factor"] = _finite(self.real_time_factor, 4)
+        out["timings_ms"] = {k: _finite(v, 3) for k, v in self.timings_ms.items()}
         return out
+
+
+def _finite(value: float | None, digits: int | None = None) -> float | None:
+    """`value` rounded to `digits`, or None when it is missing, NaN or infinite."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value) if digits is None else round(float(value), digits)
 
 
 class _LastAnswer:
