@@ -328,9 +328,14 @@ def test_sigterm_lets_a_slow_ask_finish_then_exits_0(template, tmp_path):
     mark = len(served.lines["err"])
     asking.start()
     served.wait_for(r"ask device=dev1 id=slow-1 received", after=mark)
+    sent = time.perf_counter()
     served.proc.send_signal(signal.SIGTERM)
     asking.join(120)
+    answered_after = time.perf_counter() - sent
     rc = served.stop()
+    print(
+        f"\nSIGTERM: the slow ask answered {answered_after:.2f} s later, exit after {time.perf_counter() - sent:.2f} s"
+    )
     device.close()
     assert rc == 0, served.text()
     assert len(reply) == 1 and isinstance(reply[0], AnswerReply), reply
@@ -412,6 +417,16 @@ def test_growth_step_records_kept_failed_and_waits_for_its_lock(template, tmp_pa
     recovered = GrowthSupervisor(root, layout.store, failing.check()).state
     assert recovered["running"] is None and recovered["last_run"]["outcome"] == "interrupted"
     assert recovered["last_run"]["started_at"] == "2026-01-01T00:00:00+00:00"
+
+    with HardQuestionStore(layout.store) as store:  # one new question: due on the schedule only
+        q, c = qa(0)
+        edge = EdgeResult(text="", model_version="tiny-edge-zeroed", entropies=(1.0, 1.0))
+        store.record(
+            AskRequest("s1", "dev1", q, edge, context=c), AnswerReply("s1", "x", 0.0, False, "m", 1.0)
+        )
+    assert GrowthSupervisor(root, layout.store, GrowthSettings(after=5).check()).due() is None
+    due = GrowthSupervisor(root, layout.store, GrowthSettings(after=5, every_s=1e-6).check()).due()
+    assert due == "schedule (--grow-every 1e-06 s), 1 new stored questions", due
 
     unpublished = tmp_path / "unpublished"
     unpublished.mkdir()

@@ -57,13 +57,20 @@ def plan_batches(
 
 
 def training_plan(lengths: np.ndarray, batch_size: int, max_len: int, steps: int, seed: int) -> list[Batch]:
-    """Enough shuffled epochs of batches for ``steps`` optimizer steps."""
+    """Enough shuffled epochs of batches for ``steps`` optimizer steps.
+
+    Full batches only, unless an epoch would make none (fewer rows than ``batch_size``, e.g.
+    a growth run on a handful of stored questions): then that epoch keeps its smaller
+    batches, instead of making no batch at all in a loop that never ends.
+    """
+    if steps > 0 and len(lengths) == 0:
+        raise ValueError("no training rows: nothing to plan batches from")
     plan: list[Batch] = []
     epoch = 0
     while len(plan) < steps:
-        plan.extend(
-            plan_batches(lengths, batch_size, max_len, shuffle=True, seed=seed + epoch, drop_remainder=True)
-        )
+        options = {"shuffle": True, "seed": seed + epoch}
+        batches = plan_batches(lengths, batch_size, max_len, drop_remainder=True, **options)
+        plan.extend(batches or plan_batches(lengths, batch_size, max_len, drop_remainder=False, **options))
         epoch += 1
     return plan[:steps]
 

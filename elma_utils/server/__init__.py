@@ -7,4 +7,7 @@
 - :mod:`.sshd`: a confined OpenSSH sshd configuration (and one started for tests/notebooks).
 - :mod:`.device_keys`: ``elma keys``: add, list and revoke devices.
 - :mod:`.publish`: retrain/distil the edge model from the store, gate it, publish a bundle.
+- :mod:`.growth`: the growth loop: after N new hard questions (or on a schedule) a niced
+  process retrains, gates and publishes; answering never waits for it.
+- :mod:`.status`: ``elma status``: the store, the devices, the published version, the last growth run.
 """

@@ -101,6 +101,8 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
 
 def store_status(path: Path, recent: int = 10) -> dict[str, Any]:
     """Counts, per-device activity and the ``recent`` latest offloads of a store (read-only)."""
+    from elma_utils.server.store import store_counts
+
     out: dict[str, Any] = {"path": str(path), "exists": path.is_file()}
     if not out["exists"]:
         return out
@@ -110,16 +112,8 @@ def store_status(path: Path, recent: int = 10) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read the store: {exc}") from exc
     try:
         conn.execute("BEGIN")  # one snapshot for every query
-        one = lambda sql: conn.execute(sql).fetchone()[0] or 0  # noqa: E731
-        out.update(
-            offloads=one("SELECT count(*) FROM offloads"),
-            questions=one("SELECT count(*) FROM questions"),
-            contexts=one("SELECT count(*) FROM contexts"),
-            retries=one("SELECT sum(retries) FROM offloads"),
-            repeated=one("SELECT sum(times_asked - 1) FROM questions"),
-            no_answer=one("SELECT count(*) FROM offloads WHERE no_answer"),
-            last_row=one("SELECT max(id) FROM offloads"),
-        )
+        out.update(store_counts(conn))
+        out["last_row"] = conn.execute("SELECT max(id) FROM offloads").fetchone()[0] or 0
         first, last = conn.execute("SELECT min(received_at), max(received_at) FROM offloads").fetchone()
         out["first_at"], out["last_at"] = iso(first), iso(last)
         out["devices"] = {

@@ -218,6 +218,22 @@ class StoreStats:
     per_exit_layer: dict[int | None, int] = field(default_factory=dict)  # None: no edge layer answered
 
 
+def store_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """The store's counts on an open connection (``stats`` and the read-only ``elma status``)."""
+
+    def one(sql: str) -> int:
+        return conn.execute(sql).fetchone()[0] or 0
+
+    return {
+        "offloads": one("SELECT count(*) FROM offloads"),
+        "questions": one("SELECT count(*) FROM questions"),
+        "contexts": one("SELECT count(*) FROM contexts"),
+        "retries": one("SELECT sum(retries) FROM offloads"),
+        "repeated": one("SELECT sum(times_asked - 1) FROM questions"),
+        "no_answer": one("SELECT count(*) FROM offloads WHERE no_answer"),
+    }
+
+
 @dataclass
 class ExportSummary:
     train_questions: int = 0
@@ -379,18 +395,7 @@ class HardQuestionStore:
 
     def stats(self) -> StoreStats:
         with self.db.read() as conn:
-
-            def one(sql: str) -> int:
-                return conn.execute(sql).fetchone()[0] or 0
-
-            stats = StoreStats(
-                offloads=one("SELECT count(*) FROM offloads"),
-                questions=one("SELECT count(*) FROM questions"),
-                contexts=one("SELECT count(*) FROM contexts"),
-                retries=one("SELECT sum(retries) FROM offloads"),
-                repeated=one("SELECT sum(times_asked - 1) FROM questions"),
-                no_answer=one("SELECT count(*) FROM offloads WHERE no_answer"),
-            )
+            stats = StoreStats(**store_counts(conn))
             sql = "SELECT {0}, count(*) FROM offloads GROUP BY {0} ORDER BY {0}"
             stats.per_device = dict(conn.execute(sql.format("device_id")).fetchall())
             stats.per_exit_layer = dict(conn.execute(sql.format("edge_exit_layer")).fetchall())
