@@ -43,7 +43,11 @@ def device_network(tag: str = "elma") -> Iterator[DeviceNetwork]:
         yield DeviceNetwork("127.0.0.2", "127.0.0.2", (), None)
         return
     n = os.getpid() % 200 + 20
-    ns, host_if, dev_if = f"{tag}-dev-{os.getpid()}", f"elh{os.getpid() % 100000}", f"eld{os.getpid() % 100000}"
+    ns, host_if, dev_if = (
+        f"{tag}-dev-{os.getpid()}",
+        f"elh{os.getpid() % 100000}",
+        f"eld{os.getpid() % 100000}",
+    )
     server, device = f"10.77.{n}.1", f"10.77.{n}.2"
     created = False
     try:
