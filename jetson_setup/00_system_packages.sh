@@ -8,12 +8,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # libsndfile1 and libportaudio2: the device program's soundfile and sounddevice load them through
 # ctypes (soundfile's aarch64 wheel with its own libsndfile needs glibc 2.28, so the board gets
-# the none-any wheel); binutils: readelf for jetson_setup/check_wheels.py.
+# the none-any wheel); binutils: readelf for jetson_setup/check_wheels.py; espeak-ng: the device
+# says its answers with it, and 04_verify.sh's self-test speaks its test question with it.
 PACKAGES=(
     build-essential pkg-config git curl wget ca-certificates zip unzip rsync htop
     python3-pip python3-dev libssl-dev openssh-client
     e2fsprogs util-linux parted
-    libsndfile1 libportaudio2 binutils
+    libsndfile1 libportaudio2 binutils espeak-ng
 )
 WITH_JETPACK=0
 

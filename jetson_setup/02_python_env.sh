@@ -4,8 +4,10 @@
 # NumPy, faster-whisper/CTranslate2/onnxruntime, pocketsphinx, librosa, paramiko, ... and their
 # runtime dependencies, all pinned) from jetson_setup/environment.yml, and this repository
 # installed into it (no dependencies: the edge needs no TensorFlow or Keras).
-# Not every pin has a wheel that loads on JetPack 4.6's glibc 2.27 yet: check_wheels.py says
-# which (README.md, "Wheels on the TX2").
+# Every pinned wheel's shared objects load on JetPack 4.6's glibc 2.27 (check_wheels.py; README.md,
+# "Wheels on the TX2"). The LiteRT interpreter is tflite-runtime 2.21.0+elma: build_tflite_runtime.py
+# cuts it from TensorFlow 2.21.0's aarch64 wheel (sha256-checked) into $ELMA_SSD_MOUNT/wheels, where
+# conda's pip step finds it (PIP_FIND_LINKS).
 #
 # Why Miniforge: Ubuntu 18.04 has no Python 3.11 package, and conda-forge's aarch64 Python runs
 # on its glibc 2.27; the pip wheels pinned in environment.yml are manylinux_2_27 aarch64 wheels.
@@ -110,11 +112,16 @@ else
     run bash "$dl/$installer" -b -p "$CONDA_DIR"
 fi
 
+# --- the LiteRT interpreter's wheel (no index has it) --------------------------------------------------
+WHEELS=$ELMA_SSD_MOUNT/wheels
+run "${CACHE_ENV[@]}" "$CONDA_DIR/bin/python" "$REPO/jetson_setup/build_tflite_runtime.py" \
+    --out "$WHEELS" --cache "$ELMA_SSD_MOUNT/cache/wheels"
+
 # --- the environment -------------------------------------------------------------------------------
 if [[ -x $PREFIX/bin/python ]]; then
-    run "${CACHE_ENV[@]}" "$CONDA_DIR/bin/conda" env update -p "$PREFIX" -f "$ENV_FILE" --prune
+    run "${CACHE_ENV[@]}" "PIP_FIND_LINKS=$WHEELS" "$CONDA_DIR/bin/conda" env update -p "$PREFIX" -f "$ENV_FILE" --prune
 else
-    run "${CACHE_ENV[@]}" "$CONDA_DIR/bin/conda" env create -p "$PREFIX" -f "$ENV_FILE"
+    run "${CACHE_ENV[@]}" "PIP_FIND_LINKS=$WHEELS" "$CONDA_DIR/bin/conda" env create -p "$PREFIX" -f "$ENV_FILE"
 fi
 run "${CACHE_ENV[@]}" "$PREFIX/bin/python" -m pip install --no-deps -e "$REPO"
 run "$PREFIX/bin/python" "$REPO/jetson_setup/verify_edge.py" --versions \

@@ -3,13 +3,16 @@
 # NumPy, the LiteRT interpreter), compare the edge environment with every pin of
 # environment.yml, import every module of the device program and every library it loads on
 # first use (speech recognisers, VAD, audio, SSH: where a wheel built for a newer glibc fails),
-# and answer a sample question with an edge bundle (verified by sha256 before loading), with
-# energy per question from tegrastats on the board.
+# run the device program's self-test (one step of each part: the QA path on the bundle, the
+# audio front end, the speech gate, pocketsphinx, faster-whisper, an SSH connection through a
+# loopback endpoint; verify_edge.py --self-test), and answer a sample question with an edge
+# bundle (verified by sha256 before loading), with energy per question from tegrastats.
 #
 # It changes nothing, so it also runs on a machine that is not a Jetson (say, to check a
 # bundle with --python .venv/bin/python); there it says so. Exit status: 0 all fine,
 # 1 a version differs from the pins, 3 a device module or library does not import,
-# 2 the bundle is refused or cannot answer (with several, the first of these that failed).
+# 5 a self-test step failed, 2 the bundle is refused or cannot answer (with several, the
+# first of these that failed).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=lib.sh
@@ -21,16 +24,22 @@ BUNDLE=""
 REPEAT=3
 QUESTION=""
 CONTEXT=""
+CLIP=""
+STEPS=""
 
 usage() {
     cat <<USAGE
-Usage: $(basename "$0") [--bundle DIR] [--python PATH] [--repeat N] [--question Q --context C] [--dry-run]
+Usage: $(basename "$0") [--bundle DIR] [--python PATH] [--repeat N] [--question Q --context C]
+       [--clip AUDIO] [--steps LIST] [--dry-run]
 
   --bundle DIR   an edge bundle (elma_utils.export: manifest.json, *.tflite, tokenizer/) to
                  load and ask a sample question
   --python PATH  the edge Python (default $PY; ELMA_EDGE_PYTHON sets it)
   --repeat N     measured answers after one warm-up (default $REPEAT)
   --question Q / --context C   your own sample instead of the built-in one
+  --clip AUDIO   a spoken question for the self-test's speech steps (default: espeak-ng's)
+  --steps LIST   the self-test's steps (default all: qa (with --bundle), audio, vad, sphinx,
+                 whisper_load, whisper, ssh)
   --dry-run      print the commands, run nothing
 USAGE
 }
@@ -55,6 +64,14 @@ while [[ $# -gt 0 ]]; do
         ;;
     --context)
         CONTEXT=${2:?--context needs a value}
+        shift
+        ;;
+    --clip)
+        CLIP=${2:?--clip needs a value}
+        shift
+        ;;
+    --steps)
+        STEPS=${2:?--steps needs a value}
         shift
         ;;
     --dry-run) DRY_RUN=1 ;;
@@ -127,6 +144,13 @@ run "$PY" "$HERE/verify_edge.py" --versions \
 
 log "--- the device program: every module and the libraries it loads"
 run "$PY" "$HERE/verify_edge.py" --imports || { ((status)) || status=3; }
+
+log "--- the device program's self-test: QA, audio, speech gate, recognisers, SSH"
+selftest=(--self-test)
+[[ -n $BUNDLE ]] && selftest+=(--qa "$BUNDLE")
+[[ -n $CLIP ]] && selftest+=(--clip "$CLIP")
+[[ -n $STEPS ]] && selftest+=(--steps "$STEPS")
+run "$PY" "$HERE/verify_edge.py" "${selftest[@]}" || { ((status)) || status=5; }
 
 if [[ -n $BUNDLE ]]; then
     log "--- a sample question on $BUNDLE"

@@ -20,6 +20,10 @@ need newer symbol versions than the board has), ``NO aarch64 WHEEL`` (none for P
 on aarch64 at all), ``NOT IN CACHE`` (--offline and nothing cached). Exit status: 0 every
 pin loads on the board, 1 at least one does not, 2 a usage error or a missing tool.
 
+A pin with a local version, ``tflite-runtime==2.21.0+elma`` (the board's LiteRT interpreter), is
+on no index: it is built into the cache by ``build_tflite_runtime.py`` (from TensorFlow 2.21.0's
+aarch64 wheel, sha256-checked) and then judged like any other wheel.
+
 Needs ``readelf`` (binutils) and, unless --offline, pip and the package index. Runs on any
 machine (it never imports or runs the wheels' code).
 """
@@ -40,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # build_tflite_runtime.py, for the board's interpreter wheel
 DEFAULT_PINS = HERE / "environment.yml"
 DEFAULT_CACHE = Path(os.environ.get("ELMA_WHEEL_CACHE", Path.home() / ".cache" / "elma" / "jetson-wheels"))
 
@@ -405,6 +411,22 @@ def _not_found(output: str) -> bool:
     return "No matching distribution found" in output or "Could not find a version" in output
 
 
+def build_local(package: str, version: str, cache: Path, arch: str) -> str | None:
+    """Build a wheel PyPI does not have (the board's tflite-runtime) into the cache; None when
+    built, else why not."""
+    import build_tflite_runtime as btr  # beside this script
+
+    if (normalize(package), version) != ("tflite-runtime", btr.VERSION):
+        return f"{package}=={version} is not on PyPI and not built here (only tflite-runtime=={btr.VERSION})"
+    if arch not in btr.TF_WHEELS:
+        return f"no pinned TensorFlow wheel for {arch} to build it from"
+    try:
+        btr.build(out=cache, arch=arch, cache=cache)
+    except btr.BuildError as err:
+        return str(err)
+    return None
+
+
 def check_pin(
     package: str, version: str, cache: Path, *, offline: bool, arch: str, python: str, limits: dict[str, str]
 ) -> Result:
@@ -412,7 +434,14 @@ def check_pin(
     wheels = cached_wheels(cache, package, version, arch, python)
     pick = best_wheel(wheels, arch, limits)
     marker = no_wheel_marker(cache, package, version, arch, python)
-    if not offline and (pick is None or not _accepted(pick, arch, limits)):
+    if "+" in version and pick is None and not offline:
+        # a local version (+elma): built from another project's wheel, see build_tflite_runtime.py
+        why = build_local(package, version, cache, arch)
+        if why:
+            return Result(package, version, ERROR, why=why)
+        wheels = cached_wheels(cache, package, version, arch, python)
+        pick = best_wheel(wheels, arch, limits)
+    elif not offline and (pick is None or not _accepted(pick, arch, limits)):
         # first what pip on the board would accept, then newer tags (to say what they need)
         for plats in (platforms(arch, 17, glibc_minor), platforms(arch, glibc_minor + 1, NEWEST_MANYLINUX)):
             ok, output = pip_download(package, version, cache, plats, python)

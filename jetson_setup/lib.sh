@@ -20,13 +20,14 @@
 
 # --- pinned versions: jetson_setup/environment.yml must say the same (a test checks) -------
 # Python 3.11 because elma_utils needs it (pyproject: requires-python >=3.11; the edge runtime
-# uses zip(strict=)); numpy and ai-edge-litert equal the project's requirements.txt. Both ship
-# wheels tagged manylinux_2_27 for aarch64, but ai-edge-litert 2.3.0's shared objects need
-# glibc 2.34 (check_wheels.py; README.md, "Wheels on the TX2"): a known blocker on JetPack 4.6.
+# uses zip(strict=)); numpy equals the project's requirements.txt. The interpreter is not
+# requirements.txt's ai-edge-litert 2.3.0, whose shared objects need glibc 2.34: it is
+# tflite-runtime 2.21.0+elma, TensorFlow 2.21.0's own aarch64 interpreter (GLIBC_2.27 at most),
+# cut from its wheel by build_tflite_runtime.py (README.md, "Wheels on the TX2").
 ELMA_EDGE_PYTHON_VERSION="3.11"
 ELMA_EDGE_NUMPY_VERSION="2.4.6"
-ELMA_EDGE_INTERPRETER_PACKAGE="ai-edge-litert"
-ELMA_EDGE_INTERPRETER_VERSION="2.3.0"
+ELMA_EDGE_INTERPRETER_PACKAGE="tflite-runtime"
+ELMA_EDGE_INTERPRETER_VERSION="2.21.0+elma"
 ELMA_EDGE_TQDM_VERSION="4.70.1"
 ELMA_MINIFORGE_VERSION="${ELMA_MINIFORGE_VERSION:-24.3.0-0}"
 # the JetPack 4.6 target this was written for

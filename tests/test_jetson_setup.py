@@ -4,9 +4,11 @@ The scripts change a real board (fstab, swap, mkfs), so here they run with --dry
 with the probes pointed at temporary files (ELMA_JETSON_RELEASE_FILE, ELMA_UNAME_M,
 ELMA_FSTAB, ELMA_FAKE_FREE_GB, ...). The helpers that write files are also run for real on
 temporary files, and 04_verify.sh (which changes nothing) runs for real on a small bundle.
-environment.yml must hold the whole device program (pyproject's `edge` extra, same versions);
+environment.yml must hold the whole device program (pyproject's `edge` extra), equal to
+requirements.txt except where the board needs other wheels (DEVICE_DIFFERS, LEFT_OUT);
 check_wheels.py (which glibc each pinned wheel needs) runs offline on wheels made here from the
-venv's own shared objects, its readelf reading checked against the version names in their bytes.
+venv's own shared objects, its readelf reading checked against the version names in their bytes,
+and for real on every wheel of environment.yml (all must load on JetPack 4.6).
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ FSTAB_LINE = f"UUID={UUID} {MNT} ext4 defaults,nofail,noatime,x-systemd.device-t
 SWAP_LINE = f"{MNT}/swapfile none swap sw,nofail 0 0"
 # /etc/nv_tegra_release of JetPack 4.6 (L4T R32.6.1) on a TX2 (t186ref)
 RELEASE = "# R32 (release), REVISION: 6.1, GCID: 27863751, BOARD: t186ref, EABI: aarch64, DATE: Mon Jul 26 19:36:31 UTC 2021\n"
+# Where the board's environment (environment.yml) differs from requirements.txt, the x86
+# development machine's: package -> (requirements.txt, environment.yml). Why: environment.yml's
+# header and README.md, "Wheels on the TX2" (each x86 pin's aarch64 wheel needs glibc > 2.27).
+DEVICE_DIFFERS = {
+    "onnxruntime": ("1.32.0", "1.28.0"),
+    "av": ("18.1.0", "14.2.0"),
+    "huggingface-hub": ("2.4.0", "0.31.4"),
+}
+DEVICE_ONLY = {"tflite-runtime": "2.21.0+elma"}  # instead of ai-edge-litert 2.3.0
+LEFT_OUT = {
+    "ai-edge-litert",
+    "ml-dtypes",
+    "backports-strenum",
+    "hf-xet",
+    "httpx2",
+    "httpcore2",
+    "h11",
+    "anyio",
+    "truststore",
+}
 
 
 @pytest.fixture
@@ -347,7 +369,7 @@ def test_system_packages_installs_only_what_is_missing(env, tmp_path) -> None:
     install = [c for c in cmds if "apt-get install" in c]
     assert len(install) == 1 and "build-essential" in install[0] and "python3-pip" in install[0]
     # what the device program's soundfile/sounddevice load through ctypes, and readelf
-    assert {"libsndfile1", "libportaudio2", "binutils"} <= set(install[0].split())
+    assert {"libsndfile1", "libportaudio2", "binutils", "espeak-ng"} <= set(install[0].split())
     assert "nvidia-jetpack" not in install[0]
     assert "nvidia-jetpack" in commands(dry("00_system_packages.sh", "--with-jetpack", env=env))[1]
     fake_bin(tmp_path, "dpkg-query", "echo 'install ok installed'")  # everything installed
@@ -364,10 +386,15 @@ def test_python_env_from_environment_yml_on_the_ssd(env) -> None:
     create = next(c for c in cmds if " env create " in c)
     assert create.endswith(f"conda env create -p {MNT}/envs/elma-edge -f {SETUP}/environment.yml")
     assert f"PIP_CACHE_DIR={MNT}/cache/pip" in create
+    # the interpreter's wheel is built first, where conda's pip step finds it
+    build = f"{MNT}/miniforge3/bin/python {SETUP}/build_tflite_runtime.py --out {MNT}/wheels --cache {MNT}/cache/wheels"
+    assert any(c.endswith(build) for c in cmds)
+    assert cmds.index(next(c for c in cmds if c.endswith(build))) < cmds.index(create)
+    assert f"PIP_FIND_LINKS={MNT}/wheels" in create
     assert any(c.endswith(f"-m pip install --no-deps -e {PROJECT_ROOT}") for c in cmds)
     check = next(c for c in cmds if "--versions" in c)
-    for pin in ("--expect-python 3.11", "--expect numpy==2.4.6", "--expect ai-edge-litert==2.3.0"):
-        assert pin in check
+    for pin in ("--expect-python 3.11", "--expect numpy==2.4.6", "--expect tflite-runtime==2.21.0+elma"):
+        assert pin in check, check
     assert check.endswith(f"--pins {SETUP}/environment.yml")  # every pin, not only these
     assert not any("jp/v46" in c for c in cmds)
     jp = commands(dry("02_python_env.sh", "--with-jetpack-tf", env=env))
@@ -383,7 +410,10 @@ def test_python_env_second_run_updates_instead_of_reinstalling(env, tmp_path) ->
     fake_bin(prefix, "python", "exit 0")
     cmds = commands(dry("02_python_env.sh", "--conda-dir", str(conda), "--prefix", str(prefix), env=env))
     assert not any(c.startswith("curl") or " env create " in c for c in cmds)
-    assert any(c.endswith(f"conda env update -p {prefix} -f {SETUP}/environment.yml --prune") for c in cmds)
+    update = next(
+        c for c in cmds if c.endswith(f"conda env update -p {prefix} -f {SETUP}/environment.yml --prune")
+    )
+    assert f"PIP_FIND_LINKS={MNT}/wheels" in update
 
 
 # -------------------------------------------------------------------- performance (03)
@@ -434,15 +464,32 @@ def test_environment_yml_and_scripts_pin_the_same_versions() -> None:
     assert pins["tqdm"] == lib["TQDM_VERSION"]
 
 
-def test_edge_pins_equal_the_project_requirements() -> None:
-    _, pins = _env_yml()
+def _requirements() -> dict[str, str]:
     reqs = {}
     for line in (PROJECT_ROOT / "requirements.txt").read_text().splitlines():
         if "==" in line and not line.lstrip().startswith("#"):
             name, version = line.split("#")[0].strip().split("==", 1)
-            reqs[name.lower().replace("_", "-")] = version
-    wrong = {n: v for n, v in pins.items() if reqs.get(n.lower().replace("_", "-")) != v}
-    assert not wrong, f"environment.yml pins differ from requirements.txt: {wrong}"
+            reqs[_norm(name)] = version
+    return reqs
+
+
+def test_edge_pins_equal_the_project_requirements_except_where_the_board_differs() -> None:
+    _, pins = _env_yml()
+    reqs, pins = _requirements(), {_norm(n): v for n, v in pins.items()}
+    expected = {
+        n: DEVICE_DIFFERS[n][1] if n in DEVICE_DIFFERS else DEVICE_ONLY.get(n, reqs.get(n)) for n in pins
+    }
+    assert pins == expected, {n: (v, expected[n]) for n, v in pins.items() if v != expected[n]}
+    for name, (x86, _board) in DEVICE_DIFFERS.items():
+        assert reqs[name] == x86, name  # the x86 pin it replaces is still the project's
+    assert set(DEVICE_ONLY).isdisjoint(reqs)
+    assert set(reqs) >= LEFT_OUT and LEFT_OUT.isdisjoint(pins)
+    header = (SETUP / "environment.yml").read_text().split("name: elma-edge")[0]
+    for name, (x86, board) in DEVICE_DIFFERS.items():
+        assert re.search(
+            rf"{name.replace('-', '[-_]')}\s+{re.escape(board)}\s+instead of (\S+ )?{re.escape(x86)}", header
+        ), name
+    assert "tflite-runtime 2.21.0+elma  instead of ai-edge-litert 2.3.0" in header
 
 
 # ------------------------------------------------------------------ verify (04), for real
@@ -472,21 +519,45 @@ def bundle(minilm_tokenizer, tmp_path_factory) -> Path:
     )
 
 
-def _json_after(output: str, key: str) -> dict:
+def _json_after(output: str, key: str, whole: bool = False) -> dict:
+    """The JSON object verify_edge.py printed whose first key is ``key`` (its value, or all of it)."""
     start = output.index('{\n "' + key + '"')
-    return json.JSONDecoder().raw_decode(output[start:])[0][key]
+    found = json.JSONDecoder().raw_decode(output[start:])[0]
+    return found if whole else found[key]
 
 
 @pytest.mark.slow
-def test_verify_answers_a_sample_question_with_the_bundle(bundle: Path, env) -> None:
+def test_verify_answers_a_sample_question_with_the_bundle(bundle: Path, env, tmp_path) -> None:
+    """04_verify.sh for real with the x86 venv: everything runs and passes except the version
+    check, which finds exactly the packages the board pins differently."""
+    env = {**env, "HOME": str(tmp_path)}
     result = run(
-        "04_verify.sh", "--python", sys.executable, "--bundle", str(bundle), "--repeat", "2", env=env
+        "04_verify.sh",
+        "--python",
+        sys.executable,
+        "--bundle",
+        str(bundle),
+        "--repeat",
+        "2",
+        env=env,
+        timeout=600,
     )
     out = result.stdout
-    assert result.returncode == 0, out + result.stderr
-    assert "verify: all checks passed" in out
+    assert result.returncode == 1, out + result.stderr
+    assert "verify: FAILED (status 1" in out
     versions = _json_after(out, "versions")
     assert versions["numpy"] == "2.4.6" and versions["ai-edge-litert"] == "2.3.0"
+    assert versions["tflite-runtime"] is None
+    reqs = _requirements()
+    board = {name: board for name, (_, board) in DEVICE_DIFFERS.items()}
+    expected = [
+        f"tflite-runtime not installed (pinned {DEVICE_ONLY['tflite-runtime']})"
+    ] * 2  # --expect, --pins
+    expected += [
+        f"{n} {reqs[_norm(n)]} (pinned {board[_norm(n)]})" for n in _env_yml()[1] if _norm(n) in board
+    ]
+    report = _json_after(out, "versions", whole=True)
+    assert sorted(report["mismatches"]) == sorted(expected)
     answer = _json_after(out, "edge_answer")
     assert answer["model_version"] == "jetson-setup-test" and answer["layers"] == 2
     assert answer["answer"] and answer["answer"] in (
@@ -504,6 +575,16 @@ def test_verify_answers_a_sample_question_with_the_bundle(bundle: Path, env) -> 
     assert f'"pins_checked": {len(_env_yml()[1]) + 2}' in out  # environment.yml's and the two --expect
     imports = _json_after(out, "imports")
     assert imports["failed"] == {} and imports["heavy_frameworks_loaded"] == []
+    assert imports["interpreter"] == "ai_edge_litert.interpreter.Interpreter"
+    selftest = _json_after(out, "self_test")
+    assert selftest["failed"] == [], selftest
+    assert list(selftest["steps"]) == ["qa", "audio", "vad", "sphinx", "whisper_load", "whisper", "ssh"]
+    qa = selftest["steps"]["qa"]["bundles"][str(bundle)]["answers"]
+    assert [a["question"] for a in qa] == [q for q, _ in verify_edge.SAMPLES]
+    assert qa[0]["answer"] == answer["answer"]  # the same question, the same bundle
+    assert selftest["steps"]["sphinx"]["transcript"] == verify_edge.SPOKEN  # espeak-ng's clip
+    assert selftest["steps"]["vad"]["segments"] and selftest["steps"]["audio"]["trimmed_seconds"] > 0.5
+    assert selftest["steps"]["ssh"]["reply_matches"]
     for module in ("elma_utils.edge.runtime", "elma_utils.edge.ssh_client", "elma_utils.edge.sync"):
         assert module in imports["ok"]
     for module in (
@@ -513,7 +594,7 @@ def test_verify_answers_a_sample_question_with_the_bundle(bundle: Path, env) -> 
         "onnxruntime",
     ):
         assert module in imports["ok"]
-    for module in ("av", "pocketsphinx", "librosa", "paramiko", "ai_edge_litert.interpreter"):
+    for module in ("av", "pocketsphinx", "librosa", "paramiko", "elma_utils.edge.runtime:interpreter_class"):
         assert module in imports["ok"]
     assert Path(imports["whisper_model"], "model.bin").is_file()
 
@@ -524,10 +605,26 @@ def test_verify_fails_clearly_on_a_tampered_bundle_or_a_wrong_version(bundle: Pa
     shutil.copytree(bundle, broken)
     part = broken / "layer_1.tflite"
     part.write_bytes(part.read_bytes()[:-10])
-    result = run("04_verify.sh", "--python", sys.executable, "--bundle", str(broken), env=env)
-    assert result.returncode == 2
+    result = run(
+        "04_verify.sh", "--python", sys.executable, "--bundle", str(broken), "--steps", "qa", env=env
+    )
+    assert result.returncode == 1  # the first failure: x86's versions are not the board's
     assert "edge bundle check failed: layer_1.tflite" in result.stdout
-    assert "verify: FAILED (status 2" in result.stdout
+    selftest = _json_after(result.stdout, "self_test")
+    assert selftest["failed"] == ["qa"] and "layer_1.tflite" in selftest["steps"]["qa"]["error"]
+    assert "verify: FAILED (status 1" in result.stdout
+    alone = subprocess.run(
+        [sys.executable, str(SETUP / "verify_edge.py"), "--bundle", str(broken)],
+        capture_output=True,
+        text=True,
+    )
+    assert alone.returncode == 2 and "edge bundle check failed: layer_1.tflite" in alone.stderr
+    alone = subprocess.run(
+        [sys.executable, str(SETUP / "verify_edge.py"), "--self-test", "--steps", "qa", "--qa", str(broken)],
+        capture_output=True,
+        text=True,
+    )
+    assert alone.returncode == 5 and _json_after(alone.stdout, "self_test")["failed"] == ["qa"]
     mismatch = subprocess.run(
         [sys.executable, str(SETUP / "verify_edge.py"), "--versions", "--expect", "numpy==1.0.0"],
         capture_output=True,
@@ -557,7 +654,10 @@ def test_verify_dry_run_and_missing_python(env, tmp_path) -> None:
     assert cmds[-1] == f"{py} --bundle /b --repeat 3"
     versions = next(c for c in cmds if c.startswith(f"{py} --versions"))
     assert versions.endswith(f"--pins {SETUP}/environment.yml")
-    assert cmds[-2] == f"{py} --imports"  # every device module and library, before the bundle
+    assert cmds[-3] == f"{py} --imports"  # every device module and library, before the bundle
+    assert cmds[-2] == f"{py} --self-test --qa /b"  # then one step of each part of the program
+    cmds = commands(dry("04_verify.sh", "--clip", "/q.wav", "--steps", "vad,ssh", env=env))
+    assert cmds[-1] == f"{py} --self-test --clip /q.wav --steps vad\\,ssh"  # printf %q escapes the comma
     result = run("04_verify.sh", "--python", str(tmp_path / "nope"), env=env)
     assert result.returncode == 2 and "no edge Python at" in result.stdout + result.stderr
 
@@ -574,11 +674,17 @@ def test_environment_yml_installs_the_whole_edge_extra_with_its_pins() -> None:
     edge = dict(req.split("==", 1) for req in extras["edge"])
     _, pins = _env_yml()
     pins = {_norm(n): v for n, v in pins.items()}
-    wrong = {n: (v, pins.get(_norm(n))) for n, v in edge.items() if pins.get(_norm(n)) != v}
+    # the board's versions where its wheels differ; ai-edge-litert's place is tflite-runtime's
+    want = {
+        n: DEVICE_DIFFERS.get(_norm(n), (v, v))[1] for n, v in edge.items() if _norm(n) != "ai-edge-litert"
+    }
+    assert "ai-edge-litert" in edge and "tflite-runtime" in pins
+    wrong = {n: (v, pins.get(_norm(n))) for n, v in want.items() if pins.get(_norm(n)) != v}
     assert not wrong, f"edge extra (pyproject) vs environment.yml: {wrong}"
     assert {"paramiko", "faster-whisper", "pocketsphinx", "librosa", "onnxruntime"} <= set(pins)
     # and the runtime closure the extra pulls in, not only the extra itself
     closure = {"av", "tokenizers", "huggingface-hub", "numba", "llvmlite", "scipy", "soxr", "cffi", "invoke"}
+    closure |= set(DEVICE_ONLY)  # the interpreter
     assert closure <= set(pins), closure - set(pins)
     assert len(pins) > 2 * len(edge)
 
@@ -596,6 +702,7 @@ def _load_script(name: str):
 
 
 check_wheels = _load_script("check_wheels")
+verify_edge = _load_script("verify_edge")
 # Two real shared objects of the project's own venv (requirements.txt pins them)
 import _cffi_backend  # noqa: E402
 import sentencepiece  # noqa: E402
@@ -747,6 +854,31 @@ def test_check_wheels_offline_judges_each_kind_of_wheel(tmp_path) -> None:
     assert "all 3 pins have a wheel that loads on the board" in done.stdout
     md = _check("demo-c==1.0", "--cache", str(cache), "--offline", "--arch", arch, "--markdown").stdout
     assert f"| demo-c | 1.0 | manylinux_2_17 | {cffi_glibc} | - | - | **OK** |" in md.splitlines()
+
+
+@needs_readelf
+@pytest.mark.slow
+def test_every_wheel_of_the_device_environment_loads_on_jetpack_46(tmp_path) -> None:
+    """check_wheels.py for real on environment.yml: every shared object of every wheel the board
+    installs (tflite-runtime built from TensorFlow's wheel included) needs at most GLIBC_2.27,
+    GLIBCXX_3.4.25, CXXABI_1.3.11. Uses the wheel cache (~/.cache/elma/jetson-wheels, filled by
+    the emulation's build, tests/test_device_emulation.py) and downloads only what it lacks."""
+    report = tmp_path / "wheels.json"
+    done = _check("--json", str(report))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    results = json.loads(report.read_text())["results"]
+    assert [(r["package"], r["version"]) for r in results] == list(_env_yml()[1].items())
+    native = [r for r in results if r["elf_files"]]
+    assert {r["result"] for r in results} == {"OK", "pure Python"} and len(native) >= 20
+    for r in native:
+        for family, limit in check_wheels.JETPACK_46.items():
+            need = r["needs"][family]
+            assert need is None or check_wheels.version_tuple(need) <= check_wheels.version_tuple(limit), r
+        assert r["too_new_symbols"] == {}
+    interpreter = next(r for r in results if r["package"] == "tflite-runtime")
+    assert interpreter["needs"] == {"GLIBC": "2.27", "GLIBCXX": "3.4.22", "CXXABI": "1.3.11"}
+    assert interpreter["elf_files"] == 2 and interpreter["tag"] == "manylinux_2_27"
+    assert f"all {len(results)} pins have a wheel that loads on the board" in done.stdout
 
 
 def test_check_wheels_reads_the_pins_of_environment_yml() -> None:

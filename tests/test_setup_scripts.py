@@ -232,6 +232,8 @@ def test_scripts_do_what_the_readme_says() -> None:
         "ffmpeg",
         "binutils",  # readelf: the Jetson wheel check
         "iproute2",  # ip netns: the two-machine test puts the device in its own namespace
+        "qemu-user-static",  # the emulated TX2 (aarch64) of tests/test_device_emulation.py
+        "debootstrap",  # its arm64 Debian root
     ]:
         assert pkg in setup
     assert "ipykernel install --sys-prefix --name python3" in setup
