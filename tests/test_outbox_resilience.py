@@ -40,8 +40,9 @@ def edge_model(bundle) -> EdgeModel:
     return EdgeModel.load(bundle)
 
 
-def _records(caplog, level: int) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == level]
+def _records(caplog, level: int, logger: str = "elma_utils.edge.outbox") -> list[str]:
+    """``logger``'s lines at ``level`` (a server in the same process logs too)."""
+    return [r.getMessage() for r in caplog.records if r.levelno == level and r.name == logger]
 
 
 # ---------------------------------------------------------------- a poison question, a real server
@@ -195,7 +196,7 @@ def test_a_full_disk_loses_the_queueing_not_the_answer(small_tmpfs, edge_model, 
         _assert_edge_answer(result, expected)
         assert result.queued is False
         assert result.error == f"{OFFLINE}; not queued: OperationalError: database or disk is full"
-        [line] = _records(caplog, logging.ERROR)
+        [line] = _records(caplog, logging.ERROR, "elma_utils.edge.client")
         assert f"request {result.request_id} not queued" in line and "database or disk is full" in line
         assert "\n" not in line and len(box) == 0
 
@@ -221,7 +222,7 @@ def test_a_disk_gone_read_only_loses_the_queueing_not_the_answer(ext4_on_loop, e
         _assert_edge_answer(result, expected)
         assert result.queued is False
         assert result.error.startswith(f"{OFFLINE}; not queued: OperationalError: ")
-        [line] = _records(caplog, logging.ERROR)
+        [line] = _records(caplog, logging.ERROR, "elma_utils.edge.client")
         assert f"request {result.request_id} not queued" in line
         assert [i.request.id for i in box.pending()] == [before.request_id]  # what was queued is still there
         with pytest.raises(sqlite3.OperationalError):

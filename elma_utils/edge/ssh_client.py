@@ -14,6 +14,7 @@ request/reply protocols (one request line, one reply line).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -201,7 +202,9 @@ class LineChannel:
         return self.read_line(deadline)
 
     def close(self) -> None:
-        self.chan.close()
+        """Close the channel; on a connection that is already gone there is nothing to tell."""
+        with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
+            self.chan.close()
 
 
 class SSHTunnelClient:
