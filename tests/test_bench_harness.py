@@ -278,33 +278,6 @@ def test_environment_report_on_this_machine():
     assert "**Jetson**: no" in text and "| energy_in_joules | no |" in text
 
 
-def _scripts_module(name: str):
-    import importlib
-    import sys
-
-    from elma_utils.config import PROJECT_ROOT
-
-    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(PROJECT_ROOT / "scripts"))
-
-
-@pytest.mark.parametrize(("module", "name"), [("nb00_cells", "NB00"), ("nb04_device_cells", "NB04_DEVICE")])
-def test_notebook_cells_are_well_formed(module, name):
-    cells = getattr(_scripts_module(module), name)
-    assert cells and all(kind in ("md", "code") and isinstance(text, str) for kind, text, *_ in cells)
-    for kind, text, *_ in cells:
-        if kind == "code":
-            compile(text, f"{module}:{name}", "exec")  # valid Python
-    if module == "nb00_cells":
-        assert _scripts_module("nb00_cells").PARAMS == _scripts_module("build_notebooks").PARAMS
-        assert any("environment_report(" in text for _, text, *_ in cells)
-    else:
-        assert any("save_metrics('04_device_benchmark'" in text for _, text, *_ in cells)
-
-
 def test_default_figure_names_follow_the_report_sections():
     assert default_figure_name("04_device_benchmark") == "04_stage_latency"
     assert default_figure_name("bench_pipeline") == "bench_pipeline_stage_latency"

@@ -1,0 +1,190 @@
+# %% [markdown]
+# # 04 · Edge export and benchmark
+#
+# The exits model of notebook 03 exported as LiteRT parts (embeddings, then one part per layer with its exit head) in float32, float16 and dynamic-range int8, packed into verified bundles (sha256 manifest). The Keras-free edge runtime answers the same questions as the Keras layer-by-layer runtime; we compare answers, F1, size and latency.
+
+# %% tags=["parameters"]
+# Parameters (papermill injects new values below this cell; nbval uses ELMA_PROFILE)
+import os
+
+profile = os.environ.get("ELMA_PROFILE", "cpu")
+data_dir = None
+
+# %%
+precisions = ["float32", "float16", "int8"]
+
+# %%
+import matplotlib.pyplot as plt
+
+from elma_utils import config, reporting
+from elma_utils.early_exit import experiment as ee
+from elma_utils.export.benchmark import compare_precisions
+from elma_utils.model.finetune import finetune
+
+P = config.get_profile(profile)
+REPORTS = config.reports_dir_for(P.name)
+model_dir = finetune(P, data_dir=data_dir, verbose=0)
+prev = reporting.earlier_metrics("03_early_exit", REPORTS)  # calibrated by notebook 03
+mode = prev["best_mode"]
+E_T = float(sum(prev["dev_v1_1"]["thresholds"]) / 2)
+exits_dir = ee.train_exits_for_profile(model_dir, mode, P, data_dir)
+multi, tokenizer, cfg, _ = ee.load_exits(exits_dir)
+mode, E_T
+
+# %%
+n = 300 if P.name != "smoke" else 12
+ds, examples = ee.dev_questions("1.1", n, data_dir)
+edge = compare_precisions(
+    multi,
+    tokenizer,
+    cfg,
+    config.artifacts_dir() / f"{model_dir.name}-edge",
+    precisions,
+    {"E_T": E_T, "rule": "max"},
+    model_dir.name + "-" + mode,
+    examples,
+    ds.raw,
+)
+{
+    k: {kk: vv for kk, vv in v.items() if kk != "part_bytes"} if isinstance(v, dict) else v
+    for k, v in edge.items()
+}
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+axes[0].bar(precisions, [edge[p]["tflite_bytes"] / 1e6 for p in precisions])
+axes[0].set_ylabel("bundle parts (MB)")
+axes[1].bar(precisions, [edge[p]["question_ms_p50"] for p in precisions])
+axes[1].set_ylabel("ms per question (p50, batch 1)")
+fig.tight_layout()
+reporting.save_figure(fig, "04_size_and_latency_per_precision", REPORTS)
+
+# %% [markdown]
+# ## Whole dev sets, from raw text as on the device
+# Every dev-v1.1 question through the float32 and int8 bundles with the calibrated E_T (tokenised by the bundle's keras-free tokenizer, each window run at its own length); dev-v2.0 through int8 with the per-layer no-answer thresholds and margin of notebook 03, each article half with the settings tuned on the other half. Latency per question and per exit layer.
+
+# %%
+from elma_utils.early_exit.policies import EntropyPolicy
+from elma_utils.early_exit.squad2 import held_out_folds
+from elma_utils.export.benchmark import evaluate_bundle
+
+n_whole = P.eval_examples if P.name != "smoke" else 40
+ds1, ex1 = ee.dev_questions("1.1", n_whole, data_dir)
+whole_v11 = {p: evaluate_bundle(edge[p]["bundle"], ex1, ds1.raw, "1.1") for p in ("float32", "int8")}
+int8_f1_loss = whole_v11["float32"]["f1"] - whole_v11["int8"]["f1"]
+whole_v11, int8_f1_loss
+
+# %% [markdown]
+# ### Early exit on the device runtime
+# The same int8 bundle on the first dev-v1.1 questions with every layer (no early exit) and with the calibrated E_T: the measured speed-up of LiteRT inference at batch 1.
+
+# %%
+from elma_utils.early_exit.policies import NeverExit
+
+m = 300 if P.name != "smoke" else 20
+no_exit = evaluate_bundle(edge["int8"]["bundle"], ex1[:m], ds1.raw, "1.1", policy=NeverExit())
+with_exit = evaluate_bundle(edge["int8"]["bundle"], ex1[:m], ds1.raw, "1.1")
+device_speedup = {
+    "questions": m,
+    "no_exit": no_exit,
+    "early_exit": with_exit,
+    "speedup_p50": no_exit["question_ms_p50"] / with_exit["question_ms_p50"],
+}
+{
+    k: (v["f1"], v["avg_exit_layer"], v["question_ms_p50"]) if isinstance(v, dict) else v
+    for k, v in device_speedup.items()
+}
+
+# %%
+ds2, ex2 = ee.dev_questions("2.0", n_whole, data_dir)
+parts = []
+for setting, mask in zip(prev["dev_v2_0"]["settings"], held_out_folds([e.title for e in ex2]), strict=True):
+    qs = [e for e, m in zip(ex2, mask, strict=True) if m]
+    pol = EntropyPolicy(
+        setting["E_T"], no_answer_margin=setting["margin"], null_threshold=setting["null_thresholds"]
+    )
+    parts.append(
+        evaluate_bundle(
+            edge["int8"]["bundle"], qs, ds2.raw, "2.0", policy=pol, null_thresholds=setting["null_thresholds"]
+        )
+    )
+n2 = sum(r["questions"] for r in parts)
+whole_v20_int8 = {
+    k: sum(r[k] * r["questions"] for r in parts) / n2
+    for k in ("f1", "exact", "avg_exit_layer", "share_solved_on_edge", "question_ms_p50")
+} | {"questions": n2}
+whole_v20_int8
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for p in ("float32", "int8"):
+    ms = whole_v11[p]["layer_ms_p50"]
+    ax.plot(range(1, len(ms) + 1), ms, marker="o", label=p)
+ax.set_xlabel("exit layer")
+ax.set_ylabel("ms per question (median)")
+ax.legend()
+fig.tight_layout()
+reporting.save_figure(fig, "04_latency_per_exit_layer", REPORTS)
+
+# %%
+reporting.save_metrics(
+    "04_edge_export_and_benchmark",
+    {
+        "profile": P.name,
+        "mode": mode,
+        "E_T": E_T,
+        "seq_len": cfg["max_seq_len"],
+        "edge": edge,
+        "whole_dev_v1_1": whole_v11,
+        "int8_f1_loss_v1_1": int8_f1_loss,
+        "whole_dev_v2_0_int8": whole_v20_int8,
+        "device_speedup_int8": device_speedup,
+    },
+    REPORTS,
+)
+
+# %% [markdown]
+# ## Device benchmark
+# The whole pipeline as a device runs it: spoken questions (espeak-ng) → Whisper → the edge bundle layer by layer → the server over SSH for what no layer settles. Every stage is timed (p50/p95/p99 over repeated runs after a warm-up), early exit against the same bundle without it (`NeverExit`: every layer, answered on the device), with energy per question from the best source here (tegrastats, RAPL or CPU time: the table names it) and peak RSS. The server model runs in its own process (`elma serve` behind ELMA's SSH endpoint on loopback), so CPU time, energy and memory are the device side's alone.
+
+# %%
+import tempfile
+
+from IPython.display import Markdown
+
+from elma_utils.bench.harness import (
+    dev_questions,
+    format_table,
+    local_offload_server,
+    plot_stages,
+    run_pipeline_benchmark,
+)
+
+smoke = P.name == "smoke"
+bench_bundles = [
+    config.artifacts_dir() / f"{model_dir.name}-edge" / p
+    for p in (["float32"] if smoke else ["int8", "float32"])
+]
+bench_questions = dev_questions(2 if smoke else 30, 2 if smoke else 0, data_dir=data_dir)
+bench_runs, bench_warmup = (2, 1) if smoke else (3, 2)
+[str(b) for b in bench_bundles], len(bench_questions)
+
+# %%
+with tempfile.TemporaryDirectory(prefix="elma-bench-") as work, local_offload_server(model_dir, work) as link:
+    bench = run_pipeline_benchmark(
+        bench_bundles,
+        bench_questions,
+        link=link,
+        runs=bench_runs,
+        warmup=bench_warmup,
+        keep_samples=False,
+        log=print,
+    )
+Markdown(format_table(bench))
+
+# %%
+fig = plot_stages(bench)
+reporting.save_figure(fig, "04_device_stage_latency", REPORTS)
+
+# %%
+reporting.save_metrics("04_device_benchmark", {"profile": P.name, "E_T": E_T, **bench}, REPORTS)
