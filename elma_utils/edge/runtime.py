@@ -9,6 +9,15 @@ exit policy as the Keras ``EarlyExitRunner``; at the first decision nothing furt
 A question that no layer settles comes back ``solved=False`` with the last layer's answer
 (to offload).
 
+Adaptive width: a bundle whose manifest has ``skim`` (``{file, layer, block, tau,
+margin_blocks}``, the file a ``SkimHead`` .npz checked like every other file) skims each
+window after layer s with NumPy (``early_exit.skim``): the kept positions of hidden,
+padding_mask and segment_ids go on to the next parts (a shorter sequence on a
+``dynamic_length`` bundle; padded back to ``seq_len`` with padding_mask 0 on a fixed one),
+and the exit logits are put back at the original positions, so answers come out as before.
+``EdgeAnswer.kept_share`` says how much of the question went on. A bundle without ``skim``
+runs exactly as before.
+
 Interpreter: ``ai_edge_litert`` first, then ``tflite_runtime``, then ``tensorflow.lite``
 only when neither is installed.
 
@@ -30,6 +39,7 @@ import numpy as np
 
 from elma_utils.early_exit.entropy import answer_space
 from elma_utils.early_exit.policies import EarlyExitAnswer, LayerOutput
+from elma_utils.early_exit.skim import SkimHead, scatter_logits
 from elma_utils.export.bundle import policy_from_thresholds, read_thresholds, verify_bundle
 
 
@@ -53,8 +63,10 @@ class EdgeAnswer(EarlyExitAnswer):
 
     tokenise_ms: float = 0.0
     embeddings_ms: float = 0.0  # all windows
-    layer_ms: list[float] = field(default_factory=list)  # per computed layer, all windows
+    layer_ms: list[float] = field(default_factory=list)  # per computed layer, all windows (skim included)
     windows: int = 1
+    kept_share: float = 1.0  # share of the question's tokens past the skim layer (1.0: no skim)
+    layer_texts: list[str] = field(default_factory=list)  # each computed layer's answer
 
     @property
     def total_ms(self) -> float:
@@ -138,6 +150,7 @@ class EdgeModel:
         self.policy = policy_from_thresholds(thresholds)
         self.rule = thresholds.get("rule", "max")
         self.null_threshold = thresholds.get("null_threshold")
+        self.skim = skim_from_manifest(self.bundle_dir, manifest)
         self._tokenizer = None
 
     @classmethod
@@ -185,11 +198,14 @@ class EdgeModel:
         ans.tokenise_ms = tokenise_ms
         return ans
 
-    def answer_features(self, examples: list, features, policy=None) -> list[EdgeAnswer]:
-        """Answers for ``examples`` (objects with ``.context``) whose windows are ``features``."""
+    def answer_features(self, examples: list, features, policy=None, skim=None) -> list[EdgeAnswer]:
+        """Answers for ``examples`` (objects with ``.context``) whose windows are ``features``.
+
+        ``skim``: None uses the bundle's skim head (if any), False turns skimming off, a
+        ``SkimHead`` replaces it (e.g. another tau)."""
         policy = policy or self.policy
         return [
-            self._answer_rows(ex.context, features, np.nonzero(features.example_index == i)[0], policy)
+            self._answer_rows(ex.context, features, np.nonzero(features.example_index == i)[0], policy, skim)
             for i, ex in enumerate(examples)
         ]
 
@@ -213,10 +229,15 @@ class EdgeModel:
         }
         return {k: v.astype(np.int32) for k, v in out.items()}, offsets
 
-    def _answer_rows(self, context: str, features, rows: np.ndarray, policy) -> EdgeAnswer:
+    def _answer_rows(self, context: str, features, rows: np.ndarray, policy, skim=None) -> EdgeAnswer:
         if not len(rows):
             raise ValueError("no windows for this question")
+        skim = self.skim if skim is None else (skim or None)
+        if skim is not None and not 1 <= skim.layer < len(self.steps):
+            raise ValueError(f"skim layer {skim.layer} must lie in 1..{len(self.steps) - 1}")
         inputs, offsets = self._padded(features, rows)
+        lengths = np.asarray(features.lengths[rows], dtype=np.int64)
+        full_len = offsets.shape[1]
         mask = answer_space(offsets, include_cls=True)
         windows = range(len(rows))
         t0 = time.perf_counter()
@@ -227,23 +248,29 @@ class EdgeModel:
             for w in windows
         ]
         embeddings_ms = (time.perf_counter() - t0) * 1e3
+        pads = [inputs["padding_mask"][w : w + 1] for w in windows]
+        segs = [inputs["segment_ids"][w : w + 1] for w in windows]
+        positions: list[np.ndarray | None] = [None] * len(rows)
+        kept = lengths.copy()
         history: list[LayerOutput] = []
         layer_ms: list[float] = []
         for k, (layer, head) in enumerate(self.steps):
             t0 = time.perf_counter()
             starts, ends = [], []
             for w in windows:
-                feed = {
-                    "hidden": hidden[w],
-                    "padding_mask": inputs["padding_mask"][w : w + 1],
-                    "segment_ids": inputs["segment_ids"][w : w + 1],
-                }
+                feed = {"hidden": hidden[w], "padding_mask": pads[w], "segment_ids": segs[w]}
                 out = layer(**feed)
                 hidden[w] = feed["hidden"] = out["hidden"]
                 if head is not None:
                     out = head(**feed)
-                starts.append(out["start_logits"][0])
-                ends.append(out["end_logits"][0])
+                s, e = out["start_logits"][0], out["end_logits"][0]
+                if positions[w] is not None:
+                    s, e = (
+                        scatter_logits(s, positions[w], full_len),
+                        scatter_logits(e, positions[w], full_len),
+                    )
+                starts.append(s)
+                ends.append(e)
             layer_ms.append((time.perf_counter() - t0) * 1e3)
             result = LayerOutput.from_logits(
                 k + 1,
@@ -259,6 +286,7 @@ class EdgeModel:
             decision = policy.decide(history)
             if decision is not None or k == len(self.steps) - 1:
                 c0, c1 = result.best_span
+                skimmed = any(p is not None for p in positions)
                 return EdgeAnswer(
                     text=result.text or "",
                     char_start=int(c0),
@@ -271,9 +299,39 @@ class EdgeModel:
                     embeddings_ms=embeddings_ms,
                     layer_ms=layer_ms,
                     windows=len(rows),
+                    kept_share=float(kept.sum() / lengths.sum()) if skimmed else 1.0,
+                    layer_texts=[h.text or "" for h in history],
                 )
+            if skim is not None and k + 1 == skim.layer:
+                t0 = time.perf_counter()
+                for w in windows:
+                    pos = skim.kept_positions(hidden[w][0], offsets[w], int(lengths[w]))
+                    kept[w] = pos.size
+                    if not self.dynamic_length:  # fixed-shape parts: pad back to seq_len, masked
+                        pos = np.concatenate([pos, np.full(full_len - pos.size, -1, dtype=pos.dtype)])
+                    positions[w] = pos
+                    idx = np.maximum(pos, 0)
+                    real = (pos >= 0)[None, :]
+                    hidden[w] = np.where(real[..., None], hidden[w][:, idx], 0.0).astype(np.float32)
+                    pads[w] = np.where(real, pads[w][:, idx], 0).astype(np.int32)
+                    segs[w] = np.where(real, segs[w][:, idx], 0).astype(np.int32)
+                layer_ms[-1] += (time.perf_counter() - t0) * 1e3
         raise AssertionError("unreachable: the last layer always answers")
 
     def reset_counts(self) -> None:
         for p in self.parts.values():
             p.calls = 0
+
+
+def skim_from_manifest(bundle_dir: Path, manifest: dict) -> SkimHead | None:
+    """The bundle's skim head with the manifest's keep rule, or None (no adaptive width)."""
+    spec = manifest.get("skim")
+    if not spec:
+        return None
+    try:
+        return SkimHead.load(
+            Path(bundle_dir) / spec["file"],
+            **{k: spec.get(k) for k in ("layer", "block", "tau", "margin_blocks")},
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"manifest.json: skim head {spec!r} cannot be used: {err}") from err

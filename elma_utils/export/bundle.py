@@ -6,6 +6,8 @@ Layout::
     thresholds.json      the calibrated exit settings (E_T, rule, policy name, optional predictor)
     embeddings.tflite    LiteRT parts (see ``litert_parts``)
     layer_1.tflite …     (ALBERT: group_1.tflite … + exit_1.tflite …)
+    skim.npz             optional: the skim head (adaptive width, ``early_exit.skim``); the
+                         manifest's ``skim`` says {file, layer, block, tau, margin_blocks}
     tokenizer/           ``QATokenizer.save_assets`` (tokenizer.json + vocabulary)
 
 ``write_bundle`` builds the bundle in a temporary sibling directory and renames it into
@@ -31,6 +33,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 THRESHOLDS = "thresholds.json"
 TOKENIZER_DIR = "tokenizer"
+SKIM_FILE = "skim.npz"
 POLICY_NAMES = ("entropy", "never", "patience", "entropy+patience")
 
 
@@ -114,6 +117,7 @@ def write_bundle(
     max_query_len: int = 64,
     overwrite: bool = False,
     dynamic_length: bool = True,
+    skim=None,
 ) -> Path:
     """Export ``model`` (a MultiExitQAModel) and everything the edge needs into ``out_dir``.
 
@@ -122,6 +126,8 @@ def write_bundle(
     the new one is in place). ``doc_stride`` / ``max_query_len`` are the window settings the
     edge uses to build features from text. ``dynamic_length``: parts accept any window length
     up to ``seq_len`` (the edge runs each window unpadded) instead of exactly ``seq_len``.
+    ``skim``: a ``SkimHead`` to skim the passage after its layer (adaptive width); its
+    weights go in as ``skim.npz`` and its keep rule into the manifest.
     """
     from elma_utils.export.litert_parts import export_parts, layer_schedule, part_specs
 
@@ -139,6 +145,8 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         parts = export_parts(model, tmp, seq_len, precision, dynamic_length=dynamic_length)
+        if skim is not None:
+            skim.save(tmp / SKIM_FILE)
         tokenizer.save_assets(tmp / TOKENIZER_DIR)
         (tmp / THRESHOLDS).write_text(json.dumps(th, indent=2, sort_keys=True))
         backbone = model.backbone
@@ -160,6 +168,8 @@ def write_bundle(
             "parts": part_specs(model),
             "files": _file_entries(tmp),
         }
+        if skim is not None:
+            manifest["skim"] = {"file": SKIM_FILE, **skim.settings()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         verify_bundle(tmp)
         old = None
@@ -225,7 +235,8 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
             raise BundleError(f"{rel}: sha256 does not match {MANIFEST} (file altered or corrupt)")
     extra = sorted(
         p.relative_to(root).as_posix()
-        for p in root.rglob("*.tflite")
+        for pattern in ("*.tflite", "*.npz")
+        for p in root.rglob(pattern)
         if p.relative_to(root).as_posix() not in files
     )
     if extra:
@@ -240,7 +251,30 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(
             f"{MANIFEST}: num_layers={manifest['num_layers']} but {len(manifest['layers'])} layer entries"
         )
+    if manifest.get("skim") is not None:
+        _check_skim(manifest["skim"], files, int(manifest["num_layers"]))
     return manifest
+
+
+def _check_skim(spec: Any, files: dict, num_layers: int) -> None:
+    """The manifest's ``skim`` entry: a listed (hence sha256-checked) file and a sane keep rule."""
+    if not isinstance(spec, dict):
+        raise BundleError(f"{MANIFEST}: 'skim' must be an object, got {type(spec).__name__}")
+    if spec.get("file") not in files:
+        raise BundleError(f"{MANIFEST}: skim file {spec.get('file')!r} is not listed in 'files'")
+
+    def integer(key: str, low: int, high: int | None = None) -> None:
+        v = spec.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+            span = f"{low}..{high}" if high is not None else f"≥ {low}"
+            raise BundleError(f"{MANIFEST}: skim {key} must be an integer {span}, got {v!r}")
+
+    integer("layer", 1, num_layers - 1)
+    integer("block", 1)
+    integer("margin_blocks", 0)
+    tau = spec.get("tau")
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0.0 <= tau <= 1.0:
+        raise BundleError(f"{MANIFEST}: skim tau must be a number in 0..1, got {tau!r}")
 
 
 def read_thresholds(bundle_dir: str | Path) -> dict[str, Any]:
