@@ -751,14 +751,21 @@ def _stage_colour(name: str, num_layers: int):
 
 
 def _stacked(ax, b: dict[str, Any], names: list[str]) -> None:
+    """One stacked bar per mode, its total (ms) written on top."""
+    from elma_utils.plotting import label_bars
+
     modes = list(b["modes"])
     bottoms = np.zeros(len(modes))
+    top = None
     for name in names:
         heights = np.array([b["modes"][m]["stage_mean_ms"][name] for m in modes])
         if heights.any():
-            ax.bar(modes, heights, bottom=bottoms, width=0.6, label=name,
-                   color=_stage_colour(name, b["num_layers"]))  # fmt: skip
+            top = ax.bar(modes, heights, bottom=bottoms, width=0.6, label=name,
+                         color=_stage_colour(name, b["num_layers"]))  # fmt: skip
         bottoms += heights
+    if top is not None:  # the last drawn segment ends at each mode's total
+        label_bars(ax, top, labels=[f"{t:.0f} ms" if t >= 10 else f"{t:.1f} ms" for t in bottoms])
+    ax.margins(y=0.1)
     ax.tick_params(axis="x", labelrotation=10)
 
 
@@ -769,6 +776,8 @@ def plot_stages(result: dict[str, Any]):
     recognition, which otherwise hides the difference early exit makes on the device.
     """
     import matplotlib.pyplot as plt
+
+    from elma_utils.plotting import finish_axes
 
     labels = list(result["bundles"])
     fig, axes = plt.subplots(2, len(labels), figsize=(3.4 + 2.8 * len(labels), 7.0), squeeze=False)
@@ -781,10 +790,11 @@ def plot_stages(result: dict[str, Any]):
             p50 = b["modes"][m]["end_to_end"]["p50_ms"]
             top.plot([x - 0.3, x + 0.3], [p50, p50], color="black", lw=1, ls="--")
         _stacked(bottom, b, [n for n in names if n != "asr"])
-        top.set_title(f"{label}: {b['model_version']} ({b['num_layers']} layers)", fontsize=10)
-        bottom.set_title("after speech recognition", fontsize=9)
-    axes[0][0].set_ylabel("ms per question (mean; dashed: end-to-end p50)")
-    axes[1][0].set_ylabel("ms per question, ASR left out")
+        finish_axes(top, f"{label}: {b['model_version']} ({b['num_layers']} layers)\nmean per stage; dashed: "
+                    "end-to-end p50", "mode", "time per question (ms)", fontsize=9)  # fmt: skip
+        finish_axes(
+            bottom, "after speech recognition (ASR left out)", "mode", "time per question (ms)", fontsize=9
+        )
     handles: dict[str, Any] = {}
     for ax in axes.flat:
         for h, n in zip(*ax.get_legend_handles_labels(), strict=True):

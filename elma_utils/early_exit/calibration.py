@@ -307,41 +307,50 @@ def layerwise_question_stats(
 # ---------------------------------------------------------------- plots
 
 
-def plot_f1_vs_exit_layer(sweep: ThresholdSweep, chosen: SweepPoint | int | None = None, max_f1_loss=None):
+def plot_f1_vs_exit_layer(
+    sweep: ThresholdSweep, chosen: SweepPoint | int | None = None, max_f1_loss=None, title: str | None = None
+):
     """F1 against the average number of edge layers computed, one point per threshold."""
     return _tradeoff_plot(
-        sweep, sweep.avg_exit_layer, "average exit layer (edge layers computed)", chosen, max_f1_loss
+        sweep,
+        sweep.avg_exit_layer,
+        "average exit layer (edge layers computed per question)",
+        chosen,
+        max_f1_loss,
+        title or f"F1 against depth on the edge ({_parameter_name(sweep)} sweep)",
     )
 
 
-def plot_f1_vs_latency(sweep: ThresholdSweep, chosen: SweepPoint | int | None = None, max_f1_loss=None):
+def plot_f1_vs_latency(
+    sweep: ThresholdSweep, chosen: SweepPoint | int | None = None, max_f1_loss=None, title: str | None = None
+):
     """F1 against the expected latency per question."""
     label = f"expected latency per question ({sweep.cost_unit})"
-    return _tradeoff_plot(sweep, sweep.expected_latency, label, chosen, max_f1_loss)
+    title = title or f"F1 against expected latency ({_parameter_name(sweep)} sweep)"
+    return _tradeoff_plot(sweep, sweep.expected_latency, label, chosen, max_f1_loss, title)
 
 
-def _tradeoff_plot(sweep, x, xlabel: str, chosen, max_f1_loss):
+def _parameter_name(sweep) -> str:
+    return "E_T" if sweep.parameter == "threshold" else sweep.parameter
+
+
+def _tradeoff_plot(sweep, x, xlabel: str, chosen, max_f1_loss, title: str):
     import matplotlib.pyplot as plt
+
+    from elma_utils.plotting import finish_axes, mark_operating_point
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     order = np.argsort(x, kind="stable")
-    ax.plot(x[order], sweep.f1[order], marker="o", ms=2.5, lw=1, label=f"{sweep.parameter} sweep")
+    ax.plot(x[order], sweep.f1[order], marker="o", ms=2.5, lw=1, label=f"{_parameter_name(sweep)} sweep")
     ax.axhline(sweep.reference_f1, color="k", lw=1, label=f"reference F1 {sweep.reference_f1:.1f}")
     if max_f1_loss is not None:
         ax.axhline(sweep.reference_f1 - max_f1_loss, color="k", ls="--", lw=1, label=f"−{max_f1_loss} F1")
     if chosen is not None:
         p = chosen if isinstance(chosen, SweepPoint) else sweep.point(chosen)
-        ax.plot(
-            [x[p.index]],
-            [p.f1],
-            marker="*",
-            ms=14,
-            color="C3",
-            ls="none",
-            label=f"chosen {sweep.parameter} = {p.value:.3g} ({p.speedup:.2f}×)",
+        mark_operating_point(
+            ax, x[p.index], p.f1, f"{_parameter_name(sweep)} = {p.value:.3g}, F1 {p.f1:.1f}, {p.speedup:.2f}×"
         )
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("F1")
+    finish_axes(ax, title, xlabel, "F1 (%, official SQuAD scoring)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -350,19 +359,27 @@ def _tradeoff_plot(sweep, x, xlabel: str, chosen, max_f1_loss):
 def plot_exit_histogram(
     exit_layers: np.ndarray, num_layers: int, title: str | None = None, no_exit_label: str = "server"
 ):
-    """Questions per exit layer; the last bar (K + 1) counts those no layer was sure about."""
+    """Questions per exit layer, each bar with its count; the last bar (K + 1) counts those no
+    layer was sure about."""
     import matplotlib.pyplot as plt
+
+    from elma_utils.plotting import finish_axes, label_bars
 
     exits = np.asarray(exit_layers, dtype=np.int64).ravel()
     counts = np.bincount(np.clip(exits, 1, num_layers + 1), minlength=num_layers + 2)[1:]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     layers = np.arange(1, num_layers + 2)
     colors = ["C0"] * num_layers + ["C3"]
-    ax.bar(layers, counts, color=colors)
+    bars = ax.bar(layers, counts, color=colors)
+    label_bars(ax, bars, "{:.0f}")
     ax.set_xticks(layers, [str(k) for k in range(1, num_layers + 1)] + [no_exit_label])
-    ax.set_xlabel("exit layer")
-    ax.set_ylabel("questions")
-    if title:
-        ax.set_title(title)
+    ax.margins(y=0.12)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    finish_axes(
+        ax,
+        title or f"Questions per exit layer ({len(exits)} questions)",
+        f"exit layer (layers computed; {no_exit_label}: none sure)",
+        "questions (count)",
+    )
     fig.tight_layout()
     return fig

@@ -49,16 +49,24 @@ def plot_context_lengths(lengths_by_name: dict[str, np.ndarray], max_seq_len: in
     """Histogram of context lengths against the room a window leaves for the context."""
     import matplotlib.pyplot as plt
 
+    from elma_utils.plotting import finish_axes, tag_histogram
+
     fig, ax = plt.subplots(figsize=(7, 3.6))
     top = max(int(max((v.max() for v in lengths_by_name.values() if len(v)), default=1)), max_seq_len) + 20
     bins = np.arange(0, top + 20, 20)
     for name, lengths in lengths_by_name.items():
-        ax.hist(lengths, bins=bins, alpha=0.55, label=f"{name} ({len(lengths)} contexts)")
+        share = window_coverage(np.asarray(lengths), max_seq_len, question_len)
+        _, _, patches = ax.hist(
+            lengths,
+            bins=bins,
+            alpha=0.55,
+            label=f"{name} ({len(lengths)} contexts, {share:.0%} fit one window)",
+        )
+        tag_histogram(patches)
     room = max_seq_len - question_len - 3
     ax.axvline(room, color="k", ls="--", lw=1)
     ax.text(room, ax.get_ylim()[1] * 0.9, f" room in a {max_seq_len}-token window", fontsize=8)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("contexts")
+    finish_axes(ax, "SQuAD context lengths against one window", "context length (tokens)", "contexts (count)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -68,12 +76,18 @@ def plot_training_curve(log_csv_rows: list[dict]):
     """Loss per checkpoint chunk from a Keras CSVLogger file."""
     import matplotlib.pyplot as plt
 
+    from elma_utils.plotting import finish_axes
+
     fig, ax = plt.subplots(figsize=(6, 3.2))
     x = [int(r["epoch"]) + 1 for r in log_csv_rows]
     for key in ("loss", "start_logits_loss", "end_logits_loss"):
         ax.plot(x, [float(r[key]) for r in log_csv_rows], marker="o", ms=3, label=key)
-    ax.set_xlabel("chunk of training steps")
-    ax.set_ylabel("cross-entropy")
+    finish_axes(
+        ax,
+        "Fine-tuning loss of the full model",
+        "training progress (checkpoint chunks of steps)",
+        "training loss (cross-entropy, nats)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
