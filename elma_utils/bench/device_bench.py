@@ -18,6 +18,13 @@ layers and is offloaded: the worst case for the device, and the answers mean not
 is reported). The server is a real ``elma serve`` with ELMA's SSH endpoint on loopback,
 answering with a small random model, so the offload time is the link and protocol, not a
 real model's. Run: ``python -m elma_utils.bench.device_bench [--out FILE] [--questions N]``.
+
+Adaptive compute (``--bundle B --adaptive``): a real bundle (e.g. ``bench.adaptive_run``'s int8
+bundle with a skim head) instead of the MiniLM-shape one, and the typed warm run twice, in
+the same server session — the bundle as it is (early exit and skimming) and its full-compute
+copy (``export.bundle.full_compute_copy``: every layer, full width) — giving per question the
+edge time, the end-to-end time and the device process's CPU time for each
+(``adaptive_vs_full``).
 """
 
 from __future__ import annotations
@@ -124,15 +131,16 @@ def _start_server(work: Path, model_dir: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("elma serve exited before it was ready")
 
 
-def _device_config(work: Path, ssh_port: int, bundle: Path, input_kind: str) -> Path:
+def _device_config(work: Path, ssh_port: int, bundle: Path, input_kind: str, name: str | None = None) -> Path:
     """``elma device init`` as a user runs it, then register the key and pin the host key."""
     from elma_utils.edge.ssh_keys import add_known_host, load_private_key
     from elma_utils.server.status import ServerLayout
 
-    config = work / f"device-{input_kind}" / "device.toml"
+    name = name or input_kind
+    config = work / f"device-{name}" / "device.toml"
     config.parent.mkdir(parents=True)
     (config.parent / "context.txt").write_text(CONTEXT)
-    init = ["device", "init", "--config", str(config), "--device-id", f"bench-{input_kind}",
+    init = ["device", "init", "--config", str(config), "--device-id", f"bench-{name}",
             "--server", f"127.0.0.1:{ssh_port}", "--bundle", str(bundle),
             "--context-file", str(config.parent / "context.txt"), "--input", input_kind]  # fmt: skip
     if input_kind == "folder":
@@ -141,7 +149,7 @@ def _device_config(work: Path, ssh_port: int, bundle: Path, input_kind: str) -> 
     key_pub = next(config.parent.glob("*.pub"))
     subprocess.run(
         _elma("keys", "add", "--authorized-keys", str(work / "authorized_keys"), "--device",
-              f"bench-{input_kind}", "--public-key", str(key_pub)),
+              f"bench-{name}", "--public-key", str(key_pub)),
         check=True, capture_output=True,
     )  # fmt: skip
     host_key = ServerLayout(work / "server").host_key
@@ -156,7 +164,7 @@ def _run_device(config: Path, feed, expected: int, timeout_s: float = 900.0) -> 
         _elma("device", "run", "--config", str(config), "--json"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
-    records, first_answer_s, peak = [], None, 0.0
+    records, first_answer_s, peak, cpu_first = [], None, 0.0, None
     feeder = threading.Thread(target=feed, args=(proc,), daemon=True)
     feeder.start()
     deadline = time.monotonic() + timeout_s
@@ -167,11 +175,15 @@ def _run_device(config: Path, feed, expected: int, timeout_s: float = 900.0) -> 
         if line.startswith("{"):
             records.append(json.loads(line))
             first_answer_s = first_answer_s or time.perf_counter() - started
+            cpu_first = _cpu_s(proc.pid) if cpu_first is None else cpu_first
         peak = max(peak, _rss_mb(proc.pid, "VmHWM") or 0.0)
     rss_end = _rss_mb(proc.pid, "VmRSS")
+    cpu_end = _cpu_s(proc.pid)
     proc.terminate()
     proc.wait(60)
-    return {"records": records, "first_answer_s": first_answer_s, "peak_rss_mb": peak, "rss_mb": rss_end}
+    warm_cpu = (cpu_end - cpu_first) if cpu_first is not None and cpu_end is not None else float("nan")
+    return {"records": records, "first_answer_s": first_answer_s, "peak_rss_mb": peak, "rss_mb": rss_end,
+            "warm_cpu_s": warm_cpu}  # fmt: skip
 
 
 def _typed_feed(questions: list[str]):
@@ -187,13 +199,15 @@ def _timings(records: list[dict], key: str) -> list[float]:
     return [float(r["timings_ms"][key]) for r in records if r.get("timings_ms", {}).get(key) is not None]
 
 
-def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5) -> dict[str, Any]:
+def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5, bundle: Path | None = None,
+        adaptive: bool = False) -> dict[str, Any]:  # fmt: skip
     from elma_utils.edge.runtime import EdgeModel
     from elma_utils.speech.spoken_data import speak, write_wav  # espeak-ng, as the speech benchmark
 
     work = Path(tempfile.mkdtemp(prefix="elma-bench-device-"))
     print(f"work directory {work}", flush=True)
-    bundle = make_minilm_shape_bundle(work / "bundle-int8")
+    given = bundle
+    bundle = Path(bundle) if bundle is not None else make_minilm_shape_bundle(work / "bundle-int8")
     model_dir = _tiny_server_model(work / "server-model")
     asked = (QUESTIONS * (questions // len(QUESTIONS) + 1))[:questions]
 
@@ -228,6 +242,7 @@ def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5)
                 time.sleep(0.05)
 
         spoken = _run_device(folder_cfg, drop_clips, len(wavs))
+        compared = adaptive_vs_full(work, ssh_port, bundle, asked) if adaptive else None
     finally:
         server.terminate()
         server.wait(60)
@@ -260,10 +275,53 @@ def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5)
     }  # fmt: skip
     from elma_utils.bench.environment import machine_facts
 
+    if given is not None:
+        m = EdgeModel.load(bundle).manifest
+        result["bundle"] = {"path": str(bundle), "model_version": m["model_version"], "precision": m["precision"],
+                            "skim": m.get("skim"), "thresholds": "the bundle's own (thresholds.json)"}  # fmt: skip
+    if compared is not None:
+        result["adaptive_vs_full"] = compared
     result["machine"] = machine_facts()
     result["produced_by"] = _provenance()
     write_json_atomic(out, result)
     return result
+
+
+def adaptive_vs_full(work: Path, ssh_port: int, bundle: Path, questions: list[str]) -> dict[str, Any]:
+    """Typed warm runs of ``bundle`` as it is and of its full-compute copy, one ``elma device``
+    process each against the same server: per-question edge and end-to-end ms (the device's
+    own timings), CPU ms of the device process per question, and the edge's kept share."""
+    from elma_utils.export.bundle import full_compute_copy
+
+    full = full_compute_copy(bundle, work / f"{Path(bundle).name}-full-compute")
+    out: dict[str, Any] = {"bundle": str(bundle), "questions": len(questions)}
+    for name, b in (("adaptive", Path(bundle)), ("full", full)):
+        cfg = _device_config(work, ssh_port, b, "stdin", name=f"{name}-typed")
+        ran = _run_device(cfg, _typed_feed([questions[0], *questions]), len(questions) + 1)
+        warm = ran["records"][1:]  # the first question pays for the connection
+        out[name] = {
+            "edge_ms": _summary(_timings(warm, "edge")),
+            "end_to_end_ms": _summary(_timings(warm, "total")),
+            "cpu_ms_per_question": ran["warm_cpu_s"] * 1e3 / max(len(warm), 1),
+            "share_offloaded": sum(r.get("source") == "server" for r in warm) / max(len(warm), 1),
+            "answered": len(warm),
+            "avg_exit_layer": statistics.fmean([r["exit_layer"] for r in warm if r.get("exit_layer")] or [0]),
+        }
+    for key in ("edge_ms", "end_to_end_ms"):
+        out[f"speedup_{key.removesuffix('_ms')}_p50"] = out["full"][key]["p50"] / max(
+            out["adaptive"][key]["p50"], 1e-9
+        )
+    out["cpu_ratio"] = out["full"]["cpu_ms_per_question"] / max(out["adaptive"]["cpu_ms_per_question"], 1e-9)
+    return out
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (/proc/<pid>/stat), None when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tiny_server_model(directory: Path) -> Path:
@@ -299,11 +357,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "reports" / "metrics" / "bench_device.json")
     p.add_argument("--questions", type=int, default=20)
     p.add_argument("--cold-runs", type=int, default=3)
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="this edge bundle instead of the MiniLM-shape one (e.g. bench.adaptive_run's skim bundle)",
+    )
+    p.add_argument("--adaptive", action="store_true",
+                   help="also compare the bundle with its full-compute copy (edge, end to end, CPU time)")  # fmt: skip
     args = p.parse_args(argv)
-    result = run(args.out, args.questions, args.cold_runs)
+    if args.adaptive and args.bundle is None:
+        p.error(
+            "--adaptive needs --bundle (an adaptive bundle, e.g. from python -m elma_utils.bench.adaptive_run)"
+        )
+    result = run(args.out, args.questions, args.cold_runs, bundle=args.bundle, adaptive=args.adaptive)
     print(
         json.dumps(
-            {k: result[k] for k in ("cold_start_s", "warm_ms", "device_rss_mb", "model_swap_load_ms")},
+            {
+                k: result[k]
+                for k in (
+                    "cold_start_s",
+                    "warm_ms",
+                    "device_rss_mb",
+                    "model_swap_load_ms",
+                    "adaptive_vs_full",
+                )
+                if k in result
+            },  # fmt: skip
             indent=2,
         )
     )

@@ -7,6 +7,13 @@ threshold E_T), so the runtime can offload a hopeless question at once. The tabl
 plain numbers (JSON) for the edge bundle.
 
 Exit layers use the convention of ``simulate_exits``: 1..K, and K + 1 = no exit.
+
+With adaptive width (``early_exit.skim``) the runtime's entropies after the skim layer and
+its exit layers are those of the skimmed model, so the table must be fitted on those:
+``EntropyExitPredictor.from_layerwise(stats, exits, skim=head)`` takes the skimmed stats
+(``skim_model.skim_layerwise_dev_stats`` at the head's tau), refuses unskimmed ones, and
+records the head's keep rule in the table; ``write_bundle`` refuses a table whose keep rule
+is not the bundle's.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class EntropyExitPredictor:
         quantile: float = 0.5,
         threshold: float | None = None,
         binning: str = "quantile",
+        skim: dict[str, Any] | None = None,
     ) -> None:
         if not 1 <= layer < num_layers:
             raise ValueError(f"layer must be in 1..{num_layers - 1} (an early layer), got {layer}")
@@ -38,6 +46,7 @@ class EntropyExitPredictor:
             raise ValueError(f"binning must be 'quantile' or 'uniform', got {binning!r}")
         self.num_layers, self.layer, self.quantile = int(num_layers), int(layer), float(quantile)
         self.threshold, self.binning = threshold, binning
+        self.skim = None if skim is None else dict(skim)  # the keep rule of the runtime it was fitted on
         self.edges: np.ndarray | None = None  # [B - 1] inner bin edges
         self.counts: np.ndarray | None = None  # [B, K + 1] exit layers 1..K+1 seen per bin
 
@@ -127,9 +136,44 @@ class EntropyExitPredictor:
             "quantile": self.quantile,
             "threshold": self.threshold,
             "binning": self.binning,
+            "skim": self.skim,
             "edges": [float(e) for e in edges],
             "counts": counts.tolist(),
         }
+
+    @classmethod
+    def from_layerwise(
+        cls,
+        stats: dict[str, np.ndarray],
+        exit_layer: np.ndarray,
+        *,
+        layer: int = 1,
+        threshold: float | None = None,
+        rows: np.ndarray | None = None,
+        bins: int = 20,
+        quantile: float = 0.5,
+        skim=None,
+    ) -> EntropyExitPredictor:
+        """Fit on layerwise stats (entropy [K, Q]) and the exit layers [Q] of the same runtime.
+
+        ``skim``: the ``SkimHead`` the runtime skims with (None: no skim). With a head,
+        ``stats`` must be the skimmed ones (they carry ``kept_share``; entropies after the skim
+        layer differ from the full-width model's) and the exit layers those of the skimmed
+        runtime; the table records ``skim.settings()``. ``rows``: the questions to fit on."""
+        entropy = np.asarray(stats["entropy"], dtype=np.float64)
+        skimmed = "kept_share" in stats and bool(np.any(np.asarray(stats["kept_share"]) < 1.0))
+        if skim is not None and "kept_share" not in stats:
+            raise ValueError(
+                "a skim head was given but these stats are full-width: fit on "
+                "skim_model.skim_layerwise_dev_stats(exits_dir, head, version, taus=[head.tau])"
+            )
+        if skim is None and skimmed:
+            raise ValueError("these stats come from a skimmed runtime: pass its head as skim=")
+        cols = np.arange(entropy.shape[1]) if rows is None else np.asarray(rows)
+        pred = cls(
+            entropy.shape[0], layer, quantile, threshold, skim=None if skim is None else skim.settings()
+        )
+        return pred.fit(entropy[layer - 1, cols], np.asarray(exit_layer)[cols], bins=bins)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EntropyExitPredictor:
@@ -145,6 +189,7 @@ class EntropyExitPredictor:
                 float(data["quantile"]),
                 data.get("threshold"),
                 data.get("binning", "quantile"),
+                data.get("skim"),
             )
             edges = np.asarray(data["edges"], dtype=np.float64).reshape(-1)
             counts = np.asarray(data["counts"], dtype=np.int64)

@@ -40,7 +40,12 @@ import numpy as np
 from elma_utils.early_exit.entropy import answer_space
 from elma_utils.early_exit.policies import EarlyExitAnswer, LayerOutput
 from elma_utils.early_exit.skim import SkimHead, scatter_logits
-from elma_utils.export.bundle import policy_from_thresholds, read_thresholds, verify_bundle
+from elma_utils.export.bundle import (
+    check_predictor_skim,
+    policy_from_thresholds,
+    read_thresholds,
+    verify_bundle,
+)
 
 
 def interpreter_class():
@@ -151,6 +156,7 @@ class EdgeModel:
         self.rule = thresholds.get("rule", "max")
         self.null_threshold = thresholds.get("null_threshold")
         self.skim = skim_from_manifest(self.bundle_dir, manifest)
+        check_predictor_skim(thresholds, manifest.get("skim"))
         self._tokenizer = None
 
     @classmethod

@@ -141,6 +141,7 @@ def write_bundle(
             f"seq_len={seq_len} leaves no room for the context after max_query_len={max_query_len}"
         )
     th = check_thresholds(thresholds)
+    check_predictor_skim(th, None if skim is None else skim.settings())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -183,6 +184,30 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def full_compute_copy(bundle_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of a bundle that runs every layer at full width: the same parts and tokenizer,
+    no skim head, policy "never" (the entropy predictor, fitted on the adaptive runtime, is
+    dropped). The reference of an adaptive bundle in the device benchmark."""
+    src, out = Path(bundle_dir), Path(out_dir)
+    manifest = verify_bundle(src)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another directory")
+    shutil.copytree(src, out)
+    spec = manifest.pop("skim", None)
+    if spec:
+        (out / spec["file"]).unlink()
+    th = read_thresholds(src)
+    th = {k: v for k, v in th.items() if k not in ("predictor", "E_T", "patience")}
+    (out / THRESHOLDS).write_text(
+        json.dumps(check_thresholds({**th, "policy": "never"}), indent=2, sort_keys=True)
+    )
+    manifest["model_version"] = f"{manifest['model_version']}-full"
+    manifest["files"] = _file_entries(out)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    verify_bundle(out)
+    return out
 
 
 def _safe_relative(root: Path, rel: str) -> Path:
@@ -275,6 +300,24 @@ def _check_skim(spec: Any, files: dict, num_layers: int) -> None:
     tau = spec.get("tau")
     if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0.0 <= tau <= 1.0:
         raise BundleError(f"{MANIFEST}: skim tau must be a number in 0..1, got {tau!r}")
+
+
+def check_predictor_skim(thresholds: dict[str, Any], skim: dict[str, Any] | None) -> None:
+    """Refuse an entropy-predictor table fitted on another runtime than the bundle's.
+
+    ``skim``: the bundle's keep rule (``SkimHead.settings()``, the manifest's ``skim`` without
+    ``file``) or None. The table's ``skim`` (``EntropyExitPredictor.from_layerwise``) must be
+    the same: entropies after the skim layer and the exit layers depend on it."""
+    table = thresholds.get("predictor")
+    if not isinstance(table, dict):
+        return
+    fitted = table.get("skim")
+    wanted = None if skim is None else {k: v for k, v in skim.items() if k != "file"}
+    if fitted != wanted:
+        raise BundleError(
+            f"{THRESHOLDS}: the entropy predictor was fitted on a runtime with skim {fitted!r} but the "
+            f"bundle skims with {wanted!r}: refit it with EntropyExitPredictor.from_layerwise(..., skim=head)"
+        )
 
 
 def read_thresholds(bundle_dir: str | Path) -> dict[str, Any]:
