@@ -60,7 +60,8 @@ ENV_OPTIONS, ENV_RESULT = "ELMA_GROWTH_OPTIONS", "ELMA_GROWTH_RESULT"
 NICENESS = 19
 STOPPED = "the server stopped during the run"
 # retrain_edge's own arguments, given by the supervisor, not by the options
-_FIXED = {"store_path", "server_root", "full_model_dir"}
+# (on_candidate: a Python callable, for experiments that call retrain_edge directly)
+_FIXED = {"store_path", "server_root", "full_model_dir", "on_candidate"}
 _PATH_OPTIONS = {"current_exits", "original_train", "dev_eval", "calibration"}
 
 
@@ -199,6 +200,9 @@ def _numbers(result: dict) -> dict[str, Any]:
         "candidate_share_solved": cand.get("share_solved"),
         "current_avg_exit_layer": cur.get("avg_exit_layer"),
         "candidate_avg_exit_layer": cand.get("avg_exit_layer"),
+        "current_system_f1": cur.get("system_f1"),
+        "candidate_system_f1": cand.get("system_f1"),
+        "gate_criterion": (result.get("gate") or {}).get("criterion"),
         "held_out_questions": cur.get("questions"),
         "train_questions": result.get("train_questions"),
         "original_questions": result.get("original_questions"),

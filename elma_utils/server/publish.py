@@ -15,12 +15,19 @@ current exits weights, exports a candidate bundle with the current bundle's exit
 windows (its E_T chosen again on ``calibration`` questions when given: retrained heads are
 more or less sure than the old ones, see ``early_exit.recalibrate``), and scores candidate
 and current bundle with the edge runtime on the same held-out questions (the export's eval
-contexts and/or SQuAD dev questions). The candidate is published only when its F1 is not
-lower than the current one's by more than ``tolerance`` points and it settles on the edge no
-fewer of those questions than the current one, less ``max_share_drop`` points (an edge that
-offloads more costs the server time and the device a round trip per question, which an
-edge-only F1 does not show); otherwise the current version stays and the result says why
-(``publish_refusal``).
+contexts and/or SQuAD dev questions).
+
+The gate prices what the candidate changes (``gate_report``): by default (``price_offloads``)
+it judges the *whole system's* answers, the edge's for the questions it settles and the
+server's full-model answers for those it offloads (the store's pseudo-labels for its eval
+contexts; the full model run once, cached under ``server-answers/``, for the dev questions).
+An edge-only F1 would reward a candidate that settles more questions with worse answers, and
+punish one that offloads the questions it gets wrong. The candidate is published only when
+that F1 is not lower than the current one's by more than ``tolerance`` points and it settles
+on the edge no fewer of those questions than the current one, less ``max_share_drop`` points
+(an edge that offloads more costs the server time and the device a round trip per question);
+otherwise the current version stays and the result says why (``publish_refusal``), with every
+check's numbers in ``RetrainResult.gate``.
 
 Publishing is atomic for readers: the bundle is complete and verified in a hidden staging
 directory, renamed to ``bundles/<version>/``, and only then is LATEST.json replaced
@@ -37,7 +44,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +57,7 @@ from elma_utils.export.bundle import MANIFEST, read_thresholds, sha256_file, ver
 BUNDLES_DIR = "bundles"
 EXITS_DIR = "exits"
 RUNS_DIR = "retrain"
+SERVER_ANSWERS_DIR = "server-answers"
 LOCK_NAME = ".publish.lock"
 EXITS_CONFIG = "exits.json"
 EXITS_WEIGHTS = "exits.weights.h5"
@@ -182,25 +190,33 @@ def publish_bundle(
 
 @dataclass
 class EvalSet:
-    """Held-out questions: examples, the SQuAD json they score against, and its version."""
+    """Held-out questions: examples, the SQuAD json they score against, and its version.
+
+    ``server_answers`` (qas_id -> text, "" for no answer): what the server's full model says,
+    so that ``evaluate_bundle`` can also score the whole system."""
 
     name: str
     examples: list
     raw: dict
     version: str
+    server_answers: dict[str, str] | None = None
 
 
 def evaluate_bundle(bundle: str | os.PathLike, eval_sets: Sequence[EvalSet]) -> dict:
     """F1/EM (percent) of a bundle's edge answers, with its own exit policy, per set and pooled.
 
-    Questions no layer settles are scored with the last kept layer's answer (what the edge
-    says before offloading), so the number measures the edge model, not the server.
+    ``f1``/``exact``: the edge's answer to every question; questions no layer settles are
+    scored with the last kept layer's answer (what the edge says before offloading), so the
+    number measures the edge model, not the server. ``settled_f1``: the same over the settled
+    questions only. For sets with ``server_answers``: ``system_f1``/``system_exact``, the
+    answers the user gets (the edge's where it settles, the server's where it offloads);
+    pooled only when every set has them.
     """
     from elma_utils.edge.runtime import EdgeModel
     from elma_utils.squad.metrics import per_question_scores
 
     model = EdgeModel.load(bundle)
-    pooled: dict[str, list[float]] = {"f1": [], "exact": [], "solved": [], "layer": []}
+    pooled: dict[str, list[float]] = {}
     sets = {}
     for s in eval_sets:
         answers = model.answer_features(s.examples, model.features_for(s.examples))
@@ -213,25 +229,44 @@ def evaluate_bundle(bundle: str | os.PathLike, eval_sets: Sequence[EvalSet]) -> 
             "solved": [100.0 * a.solved for a in answers],
             "layer": [float(a.exit_layer) for a in answers],
         }
+        if s.server_answers is not None:
+            missing = [e.qas_id for e in s.examples if e.qas_id not in s.server_answers]
+            if missing:
+                raise PublishError(f"eval set {s.name}: no server answer for {len(missing)} questions")
+            system = {
+                e.qas_id: a.text if a.solved else s.server_answers[e.qas_id]
+                for e, a in zip(s.examples, answers, strict=True)
+            }
+            sys_scores = per_question_scores(s.raw, system, s.version)
+            rows["system_f1"] = [100 * sys_scores[e.qas_id][1] for e in s.examples]
+            rows["system_exact"] = [100 * sys_scores[e.qas_id][0] for e in s.examples]
         sets[s.name] = _summary(rows)
         for k, v in rows.items():
-            pooled[k].extend(v)
+            pooled.setdefault(k, []).extend(v)
+    n = sum(len(s.examples) for s in eval_sets)
+    pooled = {k: v for k, v in pooled.items() if len(v) == n}  # system_*: only when every set has it
     return {"model_version": model.manifest["model_version"], **_summary(pooled), "sets": sets}
 
 
 def _summary(rows: dict[str, list[float]]) -> dict:
-    n = len(rows["f1"])
+    n = len(rows.get("f1", []))
 
     def mean(k: str) -> float:
         return float(sum(rows[k]) / n) if n else 0.0
 
-    return {
+    settled = [f for f, s in zip(rows.get("f1", []), rows.get("solved", []), strict=True) if s]
+    out = {
         "questions": n,
         "f1": mean("f1"),
         "exact": mean("exact"),
         "share_solved": mean("solved"),
         "avg_exit_layer": mean("layer"),
+        "settled_f1": float(sum(settled) / len(settled)) if settled else None,
     }
+    if "system_f1" in rows:
+        out["system_f1"] = mean("system_f1")
+        out["system_exact"] = mean("system_exact")
+    return out
 
 
 # ---------------------------------------------------------------- retraining
@@ -254,6 +289,9 @@ class RetrainResult:
     original_questions: int = 0
     train: dict = field(default_factory=dict)  # fit_exit_heads stats
     recalibration: dict = field(default_factory=dict)  # the candidate's E_T, chosen again
+    gate: dict = field(default_factory=dict)  # gate_report: every check, its numbers, the decision
+    price_offloads: bool = True  # the gate judged whole-system answers (see gate_report)
+    candidate_probe: Any = None  # what retrain_edge(on_candidate=...) returned for the candidate
     run_dir: str = ""
     seconds: float = 0.0
 
@@ -261,26 +299,68 @@ class RetrainResult:
         return asdict(self)
 
 
-def publish_refusal(
+SYSTEM_ANSWERS = "edge answers for what it settles, the server's for what it offloads"
+
+
+def gate_report(
     current: dict, candidate: dict, *, tolerance: float = 0.0, max_share_drop: float = 2.0
-) -> str | None:
-    """Why ``candidate`` must not replace ``current`` (``evaluate_bundle`` results on the same
-    held-out questions), or None when it may: it loses more than ``tolerance`` F1, or it settles
-    more than ``max_share_drop`` percentage points fewer questions on the edge (more offloads)."""
-    cur, new, n = current["f1"], candidate["f1"], current["questions"]
-    if new < cur - tolerance - 1e-9:
-        return (
-            f"candidate F1 {new:.2f} is below {cur - tolerance:.2f} (current {cur:.2f} minus tolerance "
-            f"{tolerance:g}) on {n} held-out questions"
+) -> dict:
+    """Every check of the publication gate with its numbers (``evaluate_bundle`` results of
+    ``current`` and ``candidate`` on the same held-out questions).
+
+    The F1 check judges the whole system's answers (``system_f1``: the edge's where it
+    settles, the server's where it offloads) when both results have them, else the edge's
+    answers (``f1``). ``refusal``: why the candidate must not replace the current version
+    (the first failed check), or None when it may."""
+    n = current["questions"]
+    system = "system_f1" in current and "system_f1" in candidate
+    key = "system_f1" if system else "f1"
+    cur, new = float(current[key]), float(candidate[key])
+    f1_ok = new >= cur - tolerance - 1e-9
+    cur_share, new_share = float(current["share_solved"]), float(candidate["share_solved"])
+    share_ok = new_share >= cur_share - max_share_drop - 1e-9
+    checks = [
+        {"check": key, "current": cur, "candidate": new, "limit": cur - tolerance, "passed": f1_ok},
+        {
+            "check": "share_solved",
+            "current": cur_share,
+            "candidate": new_share,
+            "limit": cur_share - max_share_drop,
+            "passed": share_ok,
+        },
+    ]
+    refusal = None
+    if not f1_ok:
+        what = f"whole-system F1 ({SYSTEM_ANSWERS})" if system else "F1"
+        refusal = (
+            f"candidate {what} {new:.2f} is below {cur - tolerance:.2f} (current {cur:.2f} minus "
+            f"tolerance {tolerance:g}) on {n} held-out questions"
         )
-    cur_share, new_share = current["share_solved"], candidate["share_solved"]
-    if new_share < cur_share - max_share_drop - 1e-9:
-        return (
+    elif not share_ok:
+        refusal = (
             f"candidate settles {new_share:.1f} % of {n} held-out questions on the edge, below "
             f"{cur_share - max_share_drop:.1f} % (current {cur_share:.1f} % minus max share drop "
             f"{max_share_drop:g}): it would offload more"
         )
-    return None
+    return {
+        "criterion": key,
+        "questions": n,
+        "tolerance": tolerance,
+        "max_share_drop": max_share_drop,
+        "checks": checks,
+        "refusal": refusal,
+        "decision": "refuse" if refusal else "publish",
+    }
+
+
+def publish_refusal(
+    current: dict, candidate: dict, *, tolerance: float = 0.0, max_share_drop: float = 2.0
+) -> str | None:
+    """Why ``candidate`` must not replace ``current`` (``evaluate_bundle`` results on the same
+    held-out questions), or None when it may: it loses more than ``tolerance`` F1 (whole-system
+    F1 when both results have it, see ``gate_report``), or it settles more than
+    ``max_share_drop`` percentage points fewer questions on the edge (more offloads)."""
+    return gate_report(current, candidate, tolerance=tolerance, max_share_drop=max_share_drop)["refusal"]
 
 
 def save_exits(multi, full_model_dir: str | os.PathLike, out_dir: str | os.PathLike, **notes: Any) -> Path:
@@ -326,6 +406,60 @@ def _edge_model(exits_dir: Path, full_model_dir: Path | None, num_exits: int):
             mine.set_weights(theirs.get_weights())
         multi = edge
     return multi, tokenizer, full
+
+
+def full_model_of(exits_dir: str | os.PathLike, full_model_dir: str | os.PathLike | None = None) -> Path:
+    """The full model an exits artifact sits on (``full_model_dir`` when given)."""
+    if full_model_dir is not None:
+        return Path(full_model_dir)
+    cfg_path = Path(exits_dir) / EXITS_CONFIG
+    if not cfg_path.is_file():
+        raise PublishError(f"{exits_dir}: no {EXITS_CONFIG} naming the full model")
+    return Path(json.loads(cfg_path.read_text())["full_model"])
+
+
+def server_answers_for(
+    full_model_dir: str | os.PathLike, examples: Sequence, cache_dir: str | os.PathLike | None = None
+) -> dict[str, str]:
+    """qas_id -> the full model's answer ("" for no answer), as the server would give it
+    (``ModelAnswerer``). Kept in ``cache_dir`` keyed by the model's weights file and the
+    questions, so a growth loop pays for each held-out set once (the server model never changes)."""
+    from elma_utils.model import artifacts
+
+    full = Path(full_model_dir)
+    weights = full / artifacts.WEIGHTS_FILE
+    st = weights.stat() if weights.is_file() else None
+    key = hashlib.sha256(
+        json.dumps(
+            [str(full.resolve()), st and [st.st_size, st.st_mtime_ns]]
+            + [[e.qas_id, e.question, e.context] for e in examples]
+        ).encode()
+    ).hexdigest()[:24]
+    cached = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            return json.loads(cached.read_text())
+    from elma_utils.server.service import ModelAnswerer
+
+    answerer = ModelAnswerer.load(full)
+    replies = answerer.answer_batch([(e.question, e.context) for e in examples])
+    answers = {e.qas_id: ("" if a.no_answer else a.text) for e, a in zip(examples, replies, strict=True)}
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(cached, json.dumps(answers).encode())
+    return answers
+
+
+def _with_server_answers(eval_sets: list[EvalSet], full_model_dir: Path, cache_dir: Path) -> None:
+    """Give every held-out set the server's answers: the store's own pseudo-labels for its eval
+    contexts (they are the server's answers), the full model's for the others."""
+    for s in eval_sets:
+        if s.server_answers is not None:
+            continue
+        if s.name == "store_eval":
+            s.server_answers = {e.qas_id: (e.answers[0].text if e.answers else "") for e in s.examples}
+        else:
+            s.server_answers = server_answers_for(full_model_dir, s.examples, cache_dir)
 
 
 def _load_set(path: Path, name: str, limit: int | None = None) -> EvalSet:
@@ -451,8 +585,10 @@ def retrain_edge(
     batch_size: int = 16,
     tolerance: float = 0.0,
     max_share_drop: float = 2.0,
+    price_offloads: bool = True,
     seed: int = 0,
     verbose: int | str = 0,
+    on_candidate: Callable[[Path], Any] | None = None,
 ) -> RetrainResult:
     """Retrain the published edge model on the grown data set; publish it only if it is no worse.
 
@@ -467,7 +603,10 @@ def retrain_edge(
     its own full depth; without it the candidate keeps the current E_T. ``tolerance``: F1 points
     the candidate may lose (negative: it must win by that much); ``max_share_drop``: percentage
     points of held-out questions it may settle fewer on the edge (see ``publish_refusal``).
-    Trains under the current Keras dtype policy and seeds Keras' random generators with
+    ``price_offloads``: the gate judges the whole system's answers (edge where it settles,
+    server where it offloads; ``gate_report``), not the edge's alone. ``on_candidate``: called
+    with the candidate bundle before the gate decides (an experiment measuring candidates the
+    gate refuses); its return value is kept as ``candidate_probe``. Trains under the current Keras dtype policy and seeds Keras' random generators with
     ``seed``. See the module note.
     """
     from elma_utils.model.multi_exit import EXIT_MODES
@@ -488,7 +627,7 @@ def retrain_edge(
     run_dir.mkdir(parents=True)
     result = RetrainResult(
         False, "", pointer.version, mode=mode, tolerance=tolerance, max_share_drop=max_share_drop,
-        run_dir=str(run_dir),
+        price_offloads=price_offloads, run_dir=str(run_dir),
     )  # fmt: skip
     data = _grown_data(
         store_path,
@@ -514,22 +653,35 @@ def retrain_edge(
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed, verbose=verbose,
         calibration=calibration_set, max_f1_loss=max_f1_loss,
     )  # fmt: skip
-    result.current = evaluate_bundle(current, data.eval_sets)
-    result.candidate = evaluate_bundle(candidate, data.eval_sets)
-    cur, new, n = result.current["f1"], result.candidate["f1"], result.current["questions"]
     try:
-        refusal = publish_refusal(
+        if price_offloads:
+            _with_server_answers(
+                data.eval_sets, full_model_of(exits, full_model_dir), server_root / SERVER_ANSWERS_DIR
+            )
+        result.current = evaluate_bundle(current, data.eval_sets)
+        result.candidate = evaluate_bundle(candidate, data.eval_sets)
+        if on_candidate is not None:
+            result.candidate_probe = on_candidate(candidate)
+        result.gate = gate_report(
             result.current, result.candidate, tolerance=tolerance, max_share_drop=max_share_drop
         )
+        key, n = result.gate["criterion"], result.current["questions"]
+        cur, new = result.current[key], result.candidate[key]
+        refusal = result.gate["refusal"]
         if refusal:
             result.reason = f"kept {pointer.version}: {refusal}"
             return _finish(result, run_dir, t0)
-        notes = {"retrain": run_dir.name, "f1": round(new, 3), "previous": pointer.version, "mode": mode}
+        notes = {"retrain": run_dir.name, "f1": round(result.candidate["f1"], 3), "previous": pointer.version,
+                 "mode": mode}  # fmt: skip
+        if key == "system_f1":
+            notes["system_f1"] = round(new, 3)
         result.version = _publish_candidate(server_root, pointer.version, candidate, candidate_exits, notes)
         result.published = True
+        what = "whole-system F1" if key == "system_f1" else "F1"
         result.reason = (
-            f"published {result.version}: candidate F1 {new:.2f} vs current {cur:.2f} on {n} held-out "
-            f"questions (tolerance {tolerance:g})"
+            f"published {result.version}: candidate {what} {new:.2f} vs current {cur:.2f} on {n} held-out "
+            f"questions (tolerance {tolerance:g}); settles {result.candidate['share_solved']:.1f} % vs "
+            f"{result.current['share_solved']:.1f} %"
         )
         return _finish(result, run_dir, t0)
     finally:  # published: copied to bundles/ and exits/; refused: not kept
