@@ -3,9 +3,12 @@
 Each notebook gets ``profile`` (and any extra parameters) injected after its cell tagged
 ``parameters``, and runs with ``ELMA_PROFILE`` and ``ELMA_REPORTS_DIR`` set to the profile and
 its reports directory (``config.reports_dir_for``: reports/ for cpu, reports/profiles/<name>/
-otherwise). Executed copies land in ``<reports>/runs/<timestamp>-<profile>/``. A notebook that
-already finished for this profile, unchanged (same sha256), is skipped unless ``force``; the
-record is ``<reports>/runs/state-<profile>.json``. The first failing notebook stops the run
+otherwise). Executed copies land in ``<reports>/runs/<timestamp>-<profile>/``; the notebooks
+themselves are only read. A notebook that already finished is skipped unless ``force`` or its
+"already done" key changed (:func:`run_key`): the notebook's cells, the package source
+(``elma_utils/**/*.py``), the profile, the injected parameters and the SQuAD files the profile
+reads (their sha256, cached by path, size and mtime in ``<reports>/runs/file-sha256.json``).
+The record is ``<reports>/runs/state-<profile>.json``. The first failing notebook stops the run
 with :class:`PipelineError`, which names the notebook, the cell and the executed copy that
 holds the traceback. ``<reports>/REPORT.md`` is regenerated at the end (also after a failure).
 """
@@ -28,7 +31,7 @@ from elma_utils import config, reporting
 
 KERNEL_NAME = "python3"
 NOTEBOOK_RE = re.compile(r"^(\d{2})_(.+)\.ipynb$")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the run key (notebook, package, profile, parameters, data)
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -115,7 +118,7 @@ def state_path(profile: str, reports_dir: Path | None = None) -> Path:
 
 
 def load_state(profile: str, reports_dir: Path | None = None) -> dict[str, dict]:
-    """{notebook stem: {"sha256", "finished_at", "seconds", "output"}} of finished notebooks."""
+    """{notebook stem: {"key", "finished_at", "seconds", "output"}} of finished notebooks."""
     path = state_path(profile, reports_dir)
     if not path.is_file():
         return {}
@@ -142,6 +145,118 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+# ---------------------------------------------------------------- the "already done" key
+
+KEY_PARTS = ("notebook", "package", "profile", "parameters", "data")
+HASH_CACHE_FILE = "file-sha256.json"
+
+
+def notebook_digest(path: Path) -> str:
+    """sha256 of what a person wrote in the notebook: each cell's type, source and tags.
+
+    Outputs, execution counts and other metadata do not count, so a notebook opened and saved
+    in JupyterLab (which may add outputs or metadata) is not run again for that alone."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cells = [[c.cell_type, c.source, sorted(c.get("metadata", {}).get("tags", []))] for c in nb.cells]
+    return _json_sha256(cells)
+
+
+def package_digest(package_dir: Path | None = None) -> str:
+    """sha256 over ``elma_utils/**/*.py`` in sorted order, each file's relative path and bytes."""
+    root = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root).as_posix()
+        h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def data_files(profile: config.Profile, data_dir: Path | str | None = None) -> list[tuple[str, Path | None]]:
+    """The SQuAD files the profile reads: (file name, path or None when it is not there)."""
+    from elma_utils.squad.data import squad_filename, squad_path
+
+    files: list[tuple[str, Path | None]] = []
+    for version, split in [(profile.train_version, "train"), ("1.1", "dev"), ("2.0", "dev")]:
+        try:
+            path: Path | None = squad_path(version, split, data_dir=data_dir, download=False)
+        except FileNotFoundError:
+            path = None
+        files.append((squad_filename(version, split), path))
+    return files
+
+
+def data_digest(
+    profile: config.Profile, data_dir: Path | str | None = None, cache_path: Path | None = None
+) -> str:
+    """sha256 over the profile's SQuAD files' own sha256 (a missing file counts as missing)."""
+    cache = _load_hash_cache(cache_path)
+    entries = []
+    for name, path in data_files(profile, data_dir):
+        entries.append([name, cached_file_sha256(path, cache) if path is not None else None])
+    if cache_path is not None and cache.get("changed"):
+        cache.pop("changed")
+        reporting._atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    return _json_sha256(entries)
+
+
+def cached_file_sha256(path: Path, cache: dict) -> str:
+    """``file_sha256`` remembered by (absolute path, size, mtime): a 40 MB file is read once."""
+    st = Path(path).stat()
+    key = str(Path(path).resolve())
+    stamp = [st.st_size, st.st_mtime_ns]
+    hit = cache.setdefault("files", {}).get(key)
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    digest = file_sha256(path)
+    cache["files"][key] = {"stamp": stamp, "sha256": digest}
+    cache["changed"] = True
+    return digest
+
+
+def run_key(
+    nb_path: Path,
+    profile: config.Profile,
+    parameters: dict | None = None,
+    *,
+    package: str | None = None,
+    cache_path: Path | None = None,
+) -> dict[str, str]:
+    """What a finished notebook's results depend on, one sha256 per part (see ``KEY_PARTS``).
+
+    ``package`` lets a run hash the package source once for all its notebooks."""
+    params = dict(parameters or {})
+    return {
+        "notebook": notebook_digest(nb_path),
+        "package": package or package_digest(),
+        "profile": _json_sha256(profile.to_dict()),
+        "parameters": _json_sha256(params),
+        "data": data_digest(profile, params.get("data_dir"), cache_path),
+    }
+
+
+def changed_parts(done: dict | None, key: dict[str, str]) -> list[str]:
+    """Which parts of the key differ from a finished run's record (all of them for an old record)."""
+    recorded = (done or {}).get("key") or {}
+    return [part for part in KEY_PARTS if recorded.get(part) != key.get(part)]
+
+
+def _json_sha256(value: Any) -> str:
+    text = json.dumps(reporting.to_jsonable(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_hash_cache(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a broken cache only costs hashing again
+    return cache if isinstance(cache, dict) and isinstance(cache.get("files", {}), dict) else {}
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -159,7 +274,8 @@ def run_pipeline(
 
     ``stream_output`` echoes what the cells print (training progress ...) to this process's
     stdout/stderr while they run, besides keeping it in the executed copy."""
-    profile_name = config.get_profile(profile).name  # ValueError for unknown names
+    prof = config.get_profile(profile)  # ValueError for unknown names
+    profile_name = prof.name
     notebooks = select_notebooks(find_notebooks(notebooks_dir), only)
     if not notebooks:
         raise FileNotFoundError(
@@ -168,15 +284,18 @@ def run_pipeline(
     root = reports_root(profile_name, reports_dir)
     parameters = {"profile": profile_name, **(extra_parameters or {})}
     state = load_state(profile_name, root)
+    package = package_digest()
+    hash_cache = root / reporting.RUNS_DIR / HASH_CACHE_FILE
     run_dir: Path | None = None
     results: list[dict] = []
     total = len(notebooks)
     try:
         for i, nb_path in enumerate(notebooks, 1):
             name = nb_path.stem
-            digest = file_sha256(nb_path)
+            key = run_key(nb_path, prof, parameters, package=package, cache_path=hash_cache)
             done = state.get(name)
-            if not force and done and done.get("sha256") == digest:
+            changed = changed_parts(done, key)
+            if not force and done and not changed:
                 print(f"[{i}/{total}] {name}: skipped (finished {done.get('finished_at')}, unchanged)")
                 results.append(
                     {
@@ -191,12 +310,13 @@ def run_pipeline(
                 check_kernel()
                 run_dir = _new_run_dir(root, profile_name)
             output = run_dir / nb_path.name
-            print(f"[{i}/{total}] {name}: running (profile {profile_name}) → {output}", flush=True)
+            why = "forced" if force else ("never finished" if not done else ", ".join(changed) + " changed")
+            print(f"[{i}/{total}] {name}: running (profile {profile_name}; {why}) → {output}", flush=True)
             state.pop(name, None)
             _save_state(profile_name, state, root)
             seconds = _execute(nb_path, output, parameters, root, profile_name, stream_output)
             state[name] = {
-                "sha256": digest,
+                "key": key,
                 "finished_at": _now_iso(),
                 "seconds": round(seconds, 3),
                 "output": str(output),
@@ -220,7 +340,8 @@ def _execute(
 
     name = nb_path.stem
     t0 = time.perf_counter()
-    with _environment(ELMA_PROFILE=profile, ELMA_REPORTS_DIR=str(root)):
+    command = f"elma pipeline --profile {profile} --only {name} (notebooks/{nb_path.name})"
+    with _environment(ELMA_PROFILE=profile, ELMA_REPORTS_DIR=str(root), ELMA_COMMAND=command):
         try:
             papermill.execute_notebook(
                 str(nb_path),

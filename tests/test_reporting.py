@@ -37,6 +37,7 @@ def test_save_metrics_converts_numpy_sorts_keys_and_leaves_no_temp_files(tmp_pat
     assert path == tmp_path / "metrics" / "02_finetune_full_model.json"
     text = path.read_text()
     data = json.loads(text)
+    assert set(data.pop("produced_by")) == {"commit", "dirty", "command"}
     assert data == {
         "bad": None,
         "em": 81.234566,  # float32 shortest repr, not 81.23456573486328
@@ -48,14 +49,14 @@ def test_save_metrics_converts_numpy_sorts_keys_and_leaves_no_temp_files(tmp_pat
         "per_layer": [0.5, 0.25],
         "shape": [2, 3],
     }
-    assert list(data) == sorted(data)
+    assert list(json.loads(text)) == sorted(json.loads(text))
     assert "NaN" not in text
     assert sorted(p.name for p in path.parent.iterdir()) == ["02_finetune_full_model.json"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
 
     # overwriting replaces the whole file
-    save_metrics("02_finetune_full_model", {"f1": 1.0}, reports_dir=tmp_path)
-    assert json.loads(path.read_text()) == {"f1": 1.0}
+    save_metrics("02_finetune_full_model", {"f1": 1.0, "produced_by": {"command": "x"}}, reports_dir=tmp_path)
+    assert json.loads(path.read_text()) == {"f1": 1.0, "produced_by": {"command": "x"}}  # its own kept
 
 
 def test_paths_inside_the_project_are_stored_relative_to_it(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def test_reports_dir_defaults_to_environment(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("ELMA_REPORTS_DIR", str(tmp_path / "r"))
     path = save_metrics("01_x", {"a": 1})
     assert path == tmp_path / "r" / "metrics" / "01_x.json"
-    assert load_all_metrics() == {"01_x": {"a": 1}}
+    assert load_all_metrics()["01_x"]["a"] == 1
 
 
 def test_load_all_metrics_orders_by_number_and_names_a_corrupt_file(tmp_path: Path) -> None:
@@ -142,8 +143,9 @@ def _png(path: Path) -> None:
 
 
 def test_write_report_sections_tables_figures_and_predictions(tmp_path: Path) -> None:
+    """Notebooks the report has no section spec for (a new one, a test's) get a plain table."""
     save_metrics(
-        "02_finetune_full_model",
+        "02_train_demo",
         {"squad_v1.1": {"em": 71.2345, "f1": 80.98765}, "train_examples": 38000, "curve": [1, 2, 3]},
         reports_dir=tmp_path,
     )
@@ -156,54 +158,71 @@ def test_write_report_sections_tables_figures_and_predictions(tmp_path: Path) ->
     (tmp_path / "predictions" / "v1.1").mkdir(parents=True)
     (tmp_path / "predictions" / "v1.1" / "dev.json").write_text("{}" * 1000)
 
-    path = write_report(tmp_path, profile="smoke")
+    path = write_report(tmp_path, profile="cpu")
     assert path == tmp_path / "REPORT.md"
     text = path.read_text()
     lines = text.splitlines()
 
     assert lines[0] == "# ELMA report"
-    assert "- profile: `smoke`" in lines
+    assert "- profile: `cpu`" in lines
     machine = next(line for line in lines if line.startswith("- machine:"))
     assert "CPU cores" in machine and "GiB RAM" in machine
     assert any(line.startswith("- date: ") and line.endswith("Z") for line in lines)
+    assert "random tiny model" not in text  # only smoke reports say so
 
-    # one section per metrics file, in notebook order
-    order = [text.index(h) for h in ("## 00_environment", "## 02_finetune_full_model", "## 05_broken")]
+    # the headline table first, then one section per notebook, in notebook order, then appendices
+    order = [
+        text.index(h)
+        for h in (
+            "## Headline results",
+            "## 00 · Environment",
+            "## 02_train_demo",
+            "## 05_broken",
+            "## Appendix A",
+        )
+    ]
     assert order == sorted(order)
     assert "| squad_v1.1.em | 71.23 |" in lines
     assert "| squad_v1.1.f1 | 80.99 |" in lines
     assert "| train_examples | 38000 |" in lines
-    assert "| python | 3.11.7 |" in lines
+    assert "produced_by" not in text[: text.index("## Appendix")]  # provenance has its own appendix
+    assert "| python | 3.11.7 |" in text[text.index("## Appendix A · Environment") :].splitlines()
     assert "1 list or long text value(s) not shown" in text
     assert "holds a list, not a json object" in text
 
-    # figures by number prefix, relative links, in the right section; others listed at the end
-    section_02 = text[text.index("## 02_finetune_full_model") : text.index("## 05_broken")]
+    # figures by number prefix, relative links, once each, in the right section; others at the end
+    section_02 = text[text.index("## 02_train_demo") : text.index("## 05_broken")]
     assert "![02_training_loss](figures/02_training_loss.png)" in section_02
+    assert "_Training loss._" in section_02  # a caption, made from the name when none is written
     assert "20_unrelated" not in section_02
-    assert "![00_versions](figures/00_versions.png)" in text[: text.index("## 02_finetune_full_model")]
+    assert "![00_versions](figures/00_versions.png)" in text[: text.index("## 02_train_demo")]
     others = text[text.index("## Other figures") :]
     assert "figures/zz_orphan.png" in others and "figures/20_unrelated.png" in others
+    for fig in ("02_training_loss", "00_versions", "20_unrelated", "zz_orphan"):
+        assert text.count(f"(figures/{fig}.png)") == 1
 
     assert "[`predictions/v1.1/dev.json`](predictions/v1.1/dev.json) (2.0 KiB)" in text
+    provenance = text[text.index("## Appendix B") :]
+    assert "| [`02_train_demo.json`](metrics/02_train_demo.json) | `" in provenance
 
     # regenerating replaces it (no duplicate sections)
-    write_report(tmp_path, profile="smoke")
-    assert (tmp_path / "REPORT.md").read_text().count("## 02_finetune_full_model") == 1
+    write_report(tmp_path, profile="cpu")
+    assert (tmp_path / "REPORT.md").read_text().count("## 02_train_demo") == 1
 
 
 def test_write_report_without_metrics(tmp_path: Path) -> None:
     text = write_report(tmp_path / "fresh").read_text()
     assert "No metrics yet" in text
     assert "- profile: `not given`" in text
-    assert "## Prediction files\n\n_None._" in text
+    assert "## Appendix C · Prediction files\n\n_None._" in text
 
 
 def test_earlier_metrics_names_the_notebook_to_run_first(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run notebooks/03_early_exit\.ipynb first"):
         reporting.earlier_metrics("03_early_exit", tmp_path)
     reporting.save_metrics("03_early_exit", {"best_mode": "distill", "E_T": 0.5}, tmp_path)
-    assert reporting.earlier_metrics("03_early_exit", tmp_path) == {"best_mode": "distill", "E_T": 0.5}
+    earlier = reporting.earlier_metrics("03_early_exit", tmp_path)
+    assert (earlier["best_mode"], earlier["E_T"]) == ("distill", 0.5)
     with pytest.raises(ValueError, match="bad notebook"):
         reporting.earlier_metrics("../secrets", tmp_path)
 
@@ -214,7 +233,9 @@ def test_findings_are_written_as_sentences_above_the_table(tmp_path: Path) -> No
         {"findings": ["int8: edge time x0.89.", "Prior numbers: 16 % less energy."], "e_t": 0.61},
         reports_dir=tmp_path,
     )
+    save_metrics("09_new_notebook", {"findings": ["a sentence."], "e_t": 0.61}, reports_dir=tmp_path)
     text = write_report(tmp_path).read_text()
-    section = text[text.index("## 04_device_benchmark") :]
-    assert section.index("- int8: edge time x0.89.") < section.index("| e_t | 0.61 |")
-    assert "- Prior numbers: 16 % less energy." in section
+    section = text[text.index("## 04 · Edge export and device benchmark") : text.index("## 09_new_notebook")]
+    assert "- int8: edge time x0.89." in section and "- Prior numbers: 16 % less energy." in section
+    new_one = text[text.index("## 09_new_notebook") :]
+    assert new_one.index("- a sentence.") < new_one.index("| e_t | 0.61 |")
