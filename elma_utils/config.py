@@ -1,9 +1,11 @@
-"""Profiles (smoke / cpu / full), paths and environment variables.
+"""Profiles (smoke / cpu / full, and their ALBERT twins), paths and environment variables.
 
 One place decides how big a run is, so notebooks, the CLI and tests agree on it.
 Environment variables override paths: ``ELMA_DATA_DIR`` (SQuAD json files),
 ``ELMA_ARTIFACTS_DIR`` (trained models), ``ELMA_REPORTS_DIR`` (reports/),
-``ELMA_PROFILE`` (default profile name).
+``ELMA_PROFILE`` (default profile name), ``ELMA_BACKBONE_SOURCE`` (ALBERT weights for a
+profile with a pretrained ALBERT backbone: a preset, Google checkpoint or TF-Hub module;
+``elma pipeline --backbone-source`` sets it for the notebooks).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class Profile:
     """How big a run is. Every size knob of the pipeline lives here."""
 
     name: str
-    backbone: str  # "minilm" (pretrained weights), "tiny-bert" (random, for smoke) or "albert"
+    # "minilm" (pretrained weights), "tiny-bert" / "tiny-albert" (random, for smoke) or "albert"
+    backbone: str
     max_seq_len: int
     doc_stride: int
     max_query_len: int
@@ -79,9 +82,42 @@ class Profile:
     # SQuAD train file: "2.0" brings its real (crowd-written) unanswerable questions, which no
     # made-up negative replaces (needs the official train-v2.0.json: downloaded when online)
     train_version: str = "1.1"
+    # notebook 04: the edge bundles against Keras, on whole dev sets, at batch 1
+    edge_compare_questions: int = 300  # dev-v1.1 questions comparing precisions with Keras
+    edge_eval_examples: int | None = None  # whole-dev bundle evaluation (None = as eval_examples)
+    edge_speedup_questions: int = 300  # int8 with early exit against all layers, batch 1
+    # notebook 04: the device pipeline benchmark (spoken question -> answer, per stage)
+    bench_precisions: tuple[str, ...] = ("int8", "float32")
+    bench_spoken_questions: int = 30
+    bench_typed_questions: int = 0
+    bench_runs: int = 3  # timed runs over the questions, after bench_warmup untimed ones
+    bench_warmup: int = 2
+    # notebook 07: E_T the device answers with while the data set grows (None: the bundle's own;
+    # -1 offloads every question, which a random model needs, since it settles everything)
+    growth_edge_threshold: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def is_smoke(self) -> bool:
+        """A CI profile (``smoke``, ``smoke-albert``): the notebooks take their small samples."""
+        return self.name == "smoke" or self.name.startswith("smoke-")
+
+    @property
+    def random_weights(self) -> bool:
+        """The model is a tiny randomly initialised one: its numbers test the plumbing only."""
+        return self.backbone.startswith("tiny-")
+
+    @property
+    def model_description(self) -> str:
+        """One line for reports: which model this profile trains, and whether it means anything."""
+        if self.random_weights:
+            kind = self.backbone.removeprefix("tiny-").upper()
+            return f"a tiny {kind} with random weights: the numbers check the pipeline, not the model"
+        if self.backbone == "albert":
+            return f"ALBERT from {self.backbone_source or 'a --backbone-source'}"
+        return "MiniLM-L6 (all-MiniLM-L6-v2 weights)" if self.backbone == "minilm" else self.backbone
 
 
 PROFILES: dict[str, Profile] = {
@@ -106,6 +142,15 @@ PROFILES: dict[str, Profile] = {
         exit_compare_questions=120,
         joint_distill_epochs=1.0,
         joint_distill_learning_rate=1e-3,
+        edge_compare_questions=12,
+        edge_eval_examples=40,
+        edge_speedup_questions=20,
+        bench_precisions=("float32",),
+        bench_spoken_questions=2,
+        bench_typed_questions=2,
+        bench_runs=2,
+        bench_warmup=1,
+        growth_edge_threshold=-1.0,
     ),
     # Real results on 2 CPU cores: MiniLM fine-tuned on a SQuAD v1.1 subset, whole dev sets evaluated.
     "cpu": Profile(
@@ -149,15 +194,35 @@ PROFILES["cpu-v2"] = dataclasses.replace(PROFILES["cpu"], name="cpu-v2", hard_ne
 # The full profile on SQuAD v2.0 train (130,319 questions, 43,498 unanswerable): the model that
 # dev-v2.0 numbers (and the 2021 prototype's 62.1 early-exit F1) call for. GPU machine.
 PROFILES["full-v2"] = dataclasses.replace(PROFILES["full"], name="full-v2", train_version="2.0")
+# smoke with a tiny random ALBERT (one shared layer, ALBERT's real 30k SentencePiece vocabulary,
+# config.albert_spm_path()): the whole pipeline on the ALBERT path (shared-layer export) in CI.
+PROFILES["smoke-albert"] = dataclasses.replace(PROFILES["smoke"], name="smoke-albert", backbone="tiny-albert")
+# ALBERT-base v2 on the whole SQuAD v1.1 train set: GPU machine with internet (the keras-hub
+# preset downloads from Kaggle), or ELMA_BACKBONE_SOURCE / --backbone-source naming a Google
+# checkpoint directory, a TF-Hub module or a local preset directory. ALBERT's paper fine-tunes
+# SQuAD v1.1 at 5e-5 with batch 48 for ~2 epochs; at batch 32 a rate of 3e-5 is about the same
+# rate per example.
+PROFILES["full-albert"] = dataclasses.replace(
+    PROFILES["full"],
+    name="full-albert",
+    backbone="albert",
+    backbone_source="albert_base_en_uncased",
+    learning_rate=3e-5,
+    epochs=2.0,
+)
 
 
 def get_profile(name: str | None = None) -> Profile:
     """Profile by name (default: $ELMA_PROFILE or 'cpu'); unknown names list the known ones."""
     name = name or os.environ.get("ELMA_PROFILE", DEFAULT_PROFILE)
     try:
-        return PROFILES[name]
+        profile = PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
+    source = os.environ.get("ELMA_BACKBONE_SOURCE")
+    if source and profile.backbone == "albert":  # pretrained ALBERT weights from elsewhere
+        profile = dataclasses.replace(profile, backbone_source=source)
+    return profile
 
 
 def reports_dir_for(profile: str) -> Path:

@@ -63,6 +63,7 @@ reporting.save_metrics(
     "02_finetune_full_model",
     {
         "profile": P.name,
+        "model": P.model_description,
         "model_dir": str(model_dir),
         "train": train_metrics,
         "dev_v1_1": results["1.1"],

@@ -64,11 +64,17 @@ for mode, s in stats_cmp.items():
 # %%
 import matplotlib.pyplot as plt
 
+from elma_utils.plotting import finish_axes, mark_operating_point
+
 fig, ax = plt.subplots(figsize=(6, 3.4))
 for mode, r in compare.items():
     ax.plot(range(1, len(r["per_layer_f1"]) + 1), r["per_layer_f1"], marker="o", label=mode)
-ax.set_xlabel("exit layer")
-ax.set_ylabel("F1 (dev-v1.1 subset)")
+finish_axes(
+    ax,
+    "F1 of each exit layer, by how the exits were trained",
+    "exit layer (layers computed)",
+    "F1 (%, dev-v1.1 subset)",
+)
 ax.legend()
 fig.tight_layout()
 reporting.save_figure(fig, "03_exit_f1_per_layer_by_mode", REPORTS)
@@ -129,7 +135,7 @@ for mode, s in [*stats_cmp.items(), (f"{best_mode} (all questions)", full)]:
 # The same questions through all layers and with early exit; wall-clock time per question, tokenisation excluded.
 
 # %%
-n_speed = 300 if P.name != "smoke" else 20
+n_speed = 20 if P.is_smoke else 300
 thr = float(cf["threshold_per_question"][0])
 speed = ee.measure_speedup(exit_dirs[best_mode], thr, "1.1", n_questions=n_speed, data_dir=data_dir)
 speed
@@ -199,9 +205,24 @@ edge_split = {f"{c}/{s}": v for (c, s), v in splits.items()}
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 3.6))
 for name, v in edge_split.items():
-    ax.plot([r["k"] for r in v["rows"]], [r["expected_ms"] for r in v["rows"]], marker="o", label=name)
-ax.set_xlabel("layers kept on the edge (k)")
-ax.set_ylabel("expected ms per question")
+    (line,) = ax.plot(
+        [r["k"] for r in v["rows"]], [r["expected_ms"] for r in v["rows"]], marker="o", label=name
+    )
+    if v["best"]:
+        mark_operating_point(
+            ax,
+            v["best"]["k"],
+            v["best"]["expected_ms"],
+            f"k = {v['best']['k']}",
+            legend=False,
+            color=line.get_color(),
+        )
+finish_axes(
+    ax,
+    "Expected time per question against edge depth (star: chosen k)",
+    "layers kept on the edge (k, layers)",
+    "expected time per question (ms)",
+)
 ax.legend(fontsize=7)
 fig.tight_layout()
 reporting.save_figure(fig, "03_edge_depth", REPORTS)

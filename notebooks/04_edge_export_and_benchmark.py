@@ -32,7 +32,7 @@ multi, tokenizer, cfg, _ = ee.load_exits(exits_dir)
 mode, E_T
 
 # %%
-n = 300 if P.name != "smoke" else 12
+n = P.edge_compare_questions
 ds, examples = ee.dev_questions("1.1", n, data_dir)
 edge = compare_precisions(
     multi,
@@ -51,11 +51,15 @@ edge = compare_precisions(
 }
 
 # %%
+from elma_utils.plotting import finish_axes, label_bars
+
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-axes[0].bar(precisions, [edge[p]["tflite_bytes"] / 1e6 for p in precisions])
-axes[0].set_ylabel("bundle parts (MB)")
-axes[1].bar(precisions, [edge[p]["question_ms_p50"] for p in precisions])
-axes[1].set_ylabel("ms per question (p50, batch 1)")
+label_bars(axes[0], axes[0].bar(precisions, [edge[p]["tflite_bytes"] / 1e6 for p in precisions]), "{:.1f} MB")
+finish_axes(axes[0], "Edge bundle size per precision", "precision", "bundle parts (MB)")
+label_bars(axes[1], axes[1].bar(precisions, [edge[p]["question_ms_p50"] for p in precisions]), "{:.1f} ms")
+finish_axes(axes[1], "Latency per precision (LiteRT)", "precision", "time per question (ms, p50, batch 1)")
+for ax in axes:
+    ax.margins(y=0.12)
 fig.tight_layout()
 reporting.save_figure(fig, "04_size_and_latency_per_precision", REPORTS)
 
@@ -68,7 +72,7 @@ from elma_utils.early_exit.policies import EntropyPolicy
 from elma_utils.early_exit.squad2 import held_out_folds
 from elma_utils.export.benchmark import evaluate_bundle
 
-n_whole = P.eval_examples if P.name != "smoke" else 40
+n_whole = P.edge_eval_examples if P.edge_eval_examples is not None else P.eval_examples
 ds1, ex1 = ee.dev_questions("1.1", n_whole, data_dir)
 whole_v11 = {p: evaluate_bundle(edge[p]["bundle"], ex1, ds1.raw, "1.1") for p in ("float32", "int8")}
 int8_f1_loss = whole_v11["float32"]["f1"] - whole_v11["int8"]["f1"]
@@ -81,7 +85,7 @@ whole_v11, int8_f1_loss
 # %%
 from elma_utils.early_exit.policies import NeverExit
 
-m = 300 if P.name != "smoke" else 20
+m = P.edge_speedup_questions
 no_exit = evaluate_bundle(edge["int8"]["bundle"], ex1[:m], ds1.raw, "1.1", policy=NeverExit())
 with_exit = evaluate_bundle(edge["int8"]["bundle"], ex1[:m], ds1.raw, "1.1")
 device_speedup = {
@@ -120,8 +124,12 @@ fig, ax = plt.subplots(figsize=(6, 3.2))
 for p in ("float32", "int8"):
     ms = whole_v11[p]["layer_ms_p50"]
     ax.plot(range(1, len(ms) + 1), ms, marker="o", label=p)
-ax.set_xlabel("exit layer")
-ax.set_ylabel("ms per question (median)")
+finish_axes(
+    ax,
+    "Device latency by the layer a question exits at",
+    "exit layer (layers computed)",
+    "time per question (ms, median)",
+)
 ax.legend()
 fig.tight_layout()
 reporting.save_figure(fig, "04_latency_per_exit_layer", REPORTS)
@@ -160,13 +168,9 @@ from elma_utils.bench.harness import (
     run_pipeline_benchmark,
 )
 
-smoke = P.name == "smoke"
-bench_bundles = [
-    config.artifacts_dir() / f"{model_dir.name}-edge" / p
-    for p in (["float32"] if smoke else ["int8", "float32"])
-]
-bench_questions = dev_questions(2 if smoke else 30, 2 if smoke else 0, data_dir=data_dir)
-bench_runs, bench_warmup = (2, 1) if smoke else (3, 2)
+bench_bundles = [config.artifacts_dir() / f"{model_dir.name}-edge" / p for p in P.bench_precisions]
+bench_questions = dev_questions(P.bench_spoken_questions, P.bench_typed_questions, data_dir=data_dir)
+bench_runs, bench_warmup = P.bench_runs, P.bench_warmup
 [str(b) for b in bench_bundles], len(bench_questions)
 
 # %%

@@ -35,6 +35,7 @@ from elma_utils.early_exit.edge_split import evaluate_edge_depth
 from elma_utils.early_exit.policies import EntropyPolicy
 from elma_utils.early_exit.squad2 import held_out_folds
 from elma_utils.model.finetune import finetune
+from elma_utils.plotting import finish_axes, mark_operating_point
 from elma_utils.squad.metrics import per_question_scores
 
 P = config.get_profile(profile)
@@ -98,7 +99,7 @@ end_to_end["files"] = {
 # A lower E_T keeps fewer questions on the device: more offloads, F1 closer to the server's.
 
 # %%
-m = 300 if P.name != "smoke" else 8
+m = 8 if P.is_smoke else 300
 curve = []
 edge_model = dep.edge.edge
 own_policy = edge_model.policy
@@ -116,11 +117,29 @@ for t in thresholds:
     )
 edge_model.policy = own_policy
 fig, ax = plt.subplots(figsize=(6, 3.4))
-ax.plot([c["share_offloaded"] for c in curve], [c["f1"] for c in curve], marker="o")
+ax.plot(
+    [100 * c["share_offloaded"] for c in curve],
+    [c["f1"] for c in curve],
+    marker="o",
+    label=f"E_T sweep, {m} questions",
+)
 for c in curve:
-    ax.annotate(f"{c['E_T']:g}", (c["share_offloaded"], c["f1"]), fontsize=8)
-ax.set_xlabel("share offloaded to the server")
-ax.set_ylabel("end-to-end F1")
+    ax.annotate(f"E_T {c['E_T']:g}", (100 * c["share_offloaded"], c["f1"]), fontsize=7)
+mark_operating_point(
+    ax,
+    100 * end_to_end["share"]["server"],
+    end_to_end["f1"],
+    "E_T "
+    + " / ".join(f"{t:.2g}" for t in system_cal.thresholds)
+    + f" (held out, {end_to_end['questions']} questions)",
+)
+finish_axes(
+    ax,
+    "Edge + server: F1 against the share offloaded",
+    "offloaded to the server (% of questions)",
+    "end-to-end F1 (%, official SQuAD scoring)",
+)
+ax.legend(fontsize=7)
 fig.tight_layout()
 reporting.save_figure(fig, "05_f1_vs_offload_share", REPORTS)
 curve
@@ -130,12 +149,12 @@ curve
 # A ping (no model time) over the persistent SSH channel, a new channel per question, a new SSH connection per question, and plain TCP to the service; the same through a real OpenSSH sshd.
 
 # %%
-lines = 300 if P.name != "smoke" else 30
-rtt = {"endpoint": dep.round_trips(lines, new_connection_lines=10 if P.name != "smoke" else 3)}
+lines = 30 if P.is_smoke else 300
+rtt = {"endpoint": dep.round_trips(lines, new_connection_lines=3 if P.is_smoke else 10)}
 store_stats = dep.server.store.stats()
 dep.close()
 with LoopbackDeployment(model_dir, bundle, work, way_in="sshd", device_id="notebook-05-sshd") as dep2:
-    rtt["sshd"] = dep2.round_trips(lines, new_connection_lines=10 if P.name != "smoke" else 3)
+    rtt["sshd"] = dep2.round_trips(lines, new_connection_lines=3 if P.is_smoke else 10)
 {
     w: {m: (round(r["p50_ms"], 3), round(r["wire_bytes_per_line"])) for m, r in v.items()}
     for w, v in rtt.items()
@@ -146,7 +165,7 @@ with LoopbackDeployment(model_dir, bundle, work, way_in="sshd", device_id="noteb
 # Each device on its own persistent SSH connection through ELMA's endpoint, asking dev questions one after another; every reply is matched to its request. The server is the real full model with its micro-batcher; clients, SSH and server share this machine's cores. A deployment of its own, so the benchmark's asks do not enter the store above.
 
 # %%
-per_client = 100 if P.name != "smoke" else 5
+per_client = 5 if P.is_smoke else 100
 with LoopbackDeployment(
     model_dir, bundle, work.parent / f"{work.name}-throughput", device_id="bench"
 ) as dep3:

@@ -47,7 +47,7 @@ publish.read_latest(server_root)
 # The device first installs the published bundle (SFTP through ELMA's SSH endpoint), then asks held-back train questions.
 
 # %%
-n_ask, n_cal, n_dev = (4000, 1000, 500) if P.name != "smoke" else (40, 20, 20)
+n_ask, n_cal, n_dev = (40, 20, 20) if P.is_smoke else (4000, 1000, 500)
 # questions no model trained on (held-back train questions, or other dev articles for full profiles)
 pool = fresh_questions(P, n_ask + n_cal, data_dir, dev_held_out=n_dev)
 asked = pool[:n_ask]
@@ -57,8 +57,8 @@ with LoopbackDeployment(
     model_dir, bundle, run / "loop", device_id="growth-device", sftp_root=publish.bundles_dir(server_root)
 ) as dep:
     installed = sync.sync_with_client(dep.tunnel, ".", device_root)
-    if P.name == "smoke":  # the tiny random model settles everything: offload all to exercise the loop
-        dep.edge.edge.policy = EntropyPolicy(-1.0)
+    if P.growth_edge_threshold is not None:  # smoke: -1 offloads all (a random model settles everything)
+        dep.edge.edge.policy = EntropyPolicy(P.growth_edge_threshold)
     sources = [dep.edge.answer(e.question, e.context).source for e in asked]
     store_path = dep.server.store.db.path
     stored = dep.server.store.stats()
@@ -77,7 +77,7 @@ grown
 
 # %%
 dev_path = load_squad("1.1", "dev", data_dir=data_dir).path
-n_original = 3000 if P.name != "smoke" else 20
+n_original = 20 if P.is_smoke else 3000
 original = [e for e in training_examples(P, data_dir) if not e.is_impossible][
     :n_original
 ]  # the full model's own
@@ -133,10 +133,46 @@ with LoopbackDeployment(
     "seconds": round(synced.seconds, 2),
 }
 
+# %% [markdown]
+# ## Rounds on a deployment domain: does the loop pay?
+# The questions above come from the distribution the model trained on, so retraining on them can hardly help. Here the device is used on texts of its own: dev-v1.1 articles no model trained on, split by article. Each deployment article's questions arrive over time; the first part is asked on the device (the real client, SSH endpoint and server on loopback), round by round, and the later part is never asked: it measures each round. Every round: ask → the server stores what the device offloads → retrain the edge from every stored question (the server's answers as labels) plus replay of the original training data → E_T chosen again on other articles → the gate judges the whole system's answers (the edge's where it settles, the server's where it offloads) on the store's held-out contexts and other-article questions → publish → the device syncs over SFTP. Other articles measure forgetting. Which part of the edge to retrain (`exits`: the exit heads; `exits+layers`: the edge's copy of the layers too, the server's full model unchanged) is measured, not assumed.
+
+# %%
+from elma_utils.bench import growth_rounds as growth_bench
+from elma_utils.server.deployment_domain import DomainSizes, split_domain
+from elma_utils.server.growth_rounds import RoundsSettings, run_growth_rounds
+
+domain = split_domain(
+    load_squad("1.1", "dev", data_dir=data_dir).examples, DomainSizes.from_profile(P), P.seed
+)
+replay = growth_bench.replay_questions(P, getattr(P, "growth_replay_questions", 16), data_dir, seed=P.seed)
+rounds_settings = RoundsSettings(
+    epochs=getattr(P, "growth_epochs", 1.0),
+    batch_size=P.batch_size,
+    tolerance=tolerance,
+    ask_entropy_threshold=getattr(P, "growth_edge_threshold", None),
+    seed=P.seed,
+)
+growth_targets = list(getattr(P, "growth_targets", ("exits",)))
+rounds_result = run_growth_rounds(
+    model_dir, bundle, exits_dir, run / "rounds", domain, replay, rounds_settings, growth_targets
+)
+{
+    target: {k: s[k] for k in ("decisions", "picked_up_by_device", "targets")}
+    for target, s in rounds_result["summary"].items()
+}
+
+# %%
+fig = growth_bench.plot_rounds(rounds_result["rounds"])
+reporting.save_figure(fig, growth_bench.FIGURE_NAME, REPORTS)
+
 # %%
 reporting.save_metrics(
     "07_dataset_growth_and_sync",
     {
+        **growth_bench.growth_metrics(
+            rounds_result, f"notebooks/07_dataset_growth_and_sync.ipynb (profile {P.name})"
+        ),
         "profile": P.name,
         "mode": mode,
         "grown": grown,

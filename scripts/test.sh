@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then every check, in this order:
 #   ruff check . · ruff format --check . · pytest tests · the notebooks under nbval
-# The notebooks run in the smoke profile: ELMA_PROFILE=smoke is what their `parameters`
-# cell reads when no profile is injected. Every step runs even after a failure; the exit
+# The notebooks run in the smoke profile, then in smoke-albert: ELMA_PROFILE is what their
+# `parameters` cell reads when no profile is injected. Every step runs even after a failure; the exit
 # status is non-zero when any step failed (pytest's "no tests collected" counts as a
 # failure). The last line is the total: "total: N passed, N failed, N skipped".
 set -uo pipefail
@@ -81,6 +81,12 @@ check "ruff check" "$VENV/bin/ruff" check .
 check "ruff format" "$VENV/bin/ruff" format --check .
 run_pytest "tests" unit "$PY" -m pytest -q tests
 ELMA_PROFILE=smoke run_pytest "notebooks (nbval, smoke)" nbval \
+    "$PY" -m pytest -q --nbval-lax --nbval-current-env notebooks/
+# The same notebooks on the ALBERT path (tiny random ALBERT, one shared layer, 30k SentencePiece);
+# reports to a temporary directory so that the committed reports/profiles/smoke-albert/ stay as
+# `elma pipeline --profile smoke-albert` wrote them.
+ELMA_PROFILE=smoke-albert ELMA_REPORTS_DIR="$RESULTS/reports-smoke-albert" \
+    run_pytest "notebooks (nbval, smoke-albert)" nbval-albert \
     "$PY" -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
 echo

@@ -121,7 +121,7 @@ def _notebook_checking_profile(path: Path) -> None:
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('import os\nprofile = os.environ.get("ELMA_PROFILE", "cpu")')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell('assert profile == "smoke", profile')]
+    nb.cells = [params, nbformat.v4.new_code_cell('assert profile in ("smoke", "smoke-albert"), profile')]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, str(path))
 
@@ -143,21 +143,24 @@ def test_test_sh_counts_everything_and_fails_on_no_tests(tmp_path: Path) -> None
     assert result.returncode != 0
     assert lines[0] == "setup-ran"
     assert "ruff check ." in lines and "ruff format --check ." in lines
-    assert lines[-1] == "total: 4 passed, 1 failed, 1 skipped", result.stdout[-2000:]
+    assert lines[-1] == "total: 4 passed, 2 failed, 1 skipped", result.stdout[-2000:]
     assert any("notebooks (nbval, smoke): FAILED, no tests collected" in line for line in lines)
+    assert any("notebooks (nbval, smoke-albert): FAILED, no tests collected" in line for line in lines)
 
-    # a notebook that only passes in the smoke profile: everything passes
+    # a notebook that only passes in the smoke profiles: everything passes, in both
     _notebook_checking_profile(repo / "notebooks" / "01_check.ipynb")
     result = _run(["bash", script], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "total: 6 passed, 0 failed, 1 skipped"
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "total: 8 passed, 0 failed, 1 skipped"
+    assert "  notebooks (nbval, smoke-albert): 2 passed, 0 skipped" in lines
 
     # a failing linter and a failing test each count, and the exit status says so
     (repo / "tests" / "test_bad.py").write_text("def test_bad():\n    assert False\n")
     broken_ruff = _fake_venv(tmp_path / "b", {"ruff": "exit 1", "python": f'exec "{sys.executable}" "$@"'})
     result = _run(["bash", script], env={**env, "ELMA_VENV": str(broken_ruff)}, cwd=tmp_path)
     assert result.returncode != 0
-    assert result.stdout.strip().splitlines()[-1] == "total: 4 passed, 3 failed, 1 skipped"
+    assert result.stdout.strip().splitlines()[-1] == "total: 6 passed, 3 failed, 1 skipped"
 
     # set-up failure: nothing else runs
     (repo / "scripts" / "setup.sh").write_text("exit 1\n")

@@ -59,6 +59,12 @@ _REMOTE_PRESET_SCHEMES = ("kaggle://", "hf://", "modelscope://", "gs://")
 _TFHUB_URL_SCHEMES = ("http://", "https://")
 
 SourceKind = Literal["google_checkpoint", "tfhub", "preset"]
+# What to do when ALBERT weights cannot be downloaded (said in one line by every refusal).
+NO_DOWNLOAD_HINT = (
+    "on a machine with internet run it once to fill the cache, or pass --backbone-source "
+    "(or set ELMA_BACKBONE_SOURCE) to a Google ALBERT checkpoint directory, a TF-Hub module "
+    "directory or a local keras-hub preset directory"
+)
 
 
 class AlbertWeightsError(ValueError):
@@ -602,6 +608,11 @@ def load_albert_from_preset(preset: str | Path):
         return keras_hub.models.AlbertBackbone.from_preset(text)
     except (ValueError, FileNotFoundError) as e:
         raise AlbertWeightsError(f"could not load ALBERT preset {text!r}: {e}") from e
+    except OSError as e:  # a download that cannot happen: no network, no DNS, refused, HTTP error
+        raise AlbertWeightsError(
+            f"cannot download the keras-hub preset {text!r} ({type(e).__name__}: no network?); "
+            f"{NO_DOWNLOAD_HINT}"
+        ) from e
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import keras
 
-from elma_utils.model.backbones import TINY_BERT, build_bert_backbone
+from elma_utils.model.backbones import TINY_ALBERT, TINY_BERT, build_bert_backbone
 from elma_utils.model.qa_model import SpanQAModel
 from elma_utils.model.tokenizers import QATokenizer
 
@@ -48,10 +48,11 @@ def build_backbone(
     pretrained: bool = True,
     source: str | None = None,
 ):
-    """(backbone, kwargs) for a backbone kind: 'minilm', 'tiny-bert', 'bert' or 'albert'.
+    """(backbone, kwargs) for a backbone kind: 'minilm', 'tiny-bert', 'bert', 'tiny-albert' or 'albert'.
 
     ``source`` names pretrained ALBERT weights: a keras-hub preset, a Google checkpoint
-    directory or a TF-Hub module (see ``albert_weights.load_albert``).
+    directory or a TF-Hub module (see ``albert_weights.load_albert``). 'tiny-albert' is a
+    random ``TINY_ALBERT`` (smoke-albert) unless ``kwargs`` give other sizes.
     """
     if kind == "albert" and source:
         from elma_utils.model.albert_weights import load_albert
@@ -68,19 +69,26 @@ def build_backbone(
         if not kwargs:
             raise ValueError(f"backbone {kind!r} needs its arguments when not loading pretrained weights")
         return build_bert_backbone(dropout=dropout, **kwargs), kwargs
-    if kind == "albert":
+    if kind in ("albert", "tiny-albert"):
         from elma_utils.model.albert_weights import build_albert_backbone
 
+        kwargs = dict(kwargs or (TINY_ALBERT if kind == "tiny-albert" else {}))
         if not kwargs:
             raise ValueError(
                 "an ALBERT backbone needs pretrained weights (--backbone-source) or its arguments"
             )
         return build_albert_backbone(dropout=dropout, **kwargs), dict(kwargs)
-    raise ValueError(f"unknown backbone {kind!r}; use minilm, tiny-bert, bert or albert")
+    raise ValueError(f"unknown backbone {kind!r}; use minilm, tiny-bert, bert, tiny-albert or albert")
+
+
+def backbone_family(kind: str) -> str:
+    """'albert' for ALBERT kinds (SentencePiece, a shared layer), 'bert' for the others."""
+    return "albert" if kind in ("albert", "tiny-albert") else "bert"
 
 
 def tokenizer_for(kind: str) -> QATokenizer:
-    return QATokenizer.albert() if kind == "albert" else QATokenizer.minilm()
+    """ALBERT's 30k SentencePiece model for ALBERT kinds, MiniLM's WordPiece vocabulary otherwise."""
+    return QATokenizer.albert() if backbone_family(kind) == "albert" else QATokenizer.minilm()
 
 
 def _write_json(path: Path, obj: dict) -> None:

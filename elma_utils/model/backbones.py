@@ -20,6 +20,28 @@ TINY_BERT = dict(
     intermediate_dim=128,
     max_sequence_length=512,
 )
+# A tiny random ALBERT for the smoke-albert profile: smoke's sizes, ALBERT's real 30k SentencePiece
+# vocabulary, and one transformer layer shared by every layer (one group, one inner layer).
+TINY_ALBERT = dict(
+    vocabulary_size=30000,
+    num_layers=2,
+    num_heads=2,
+    embedding_dim=32,
+    hidden_dim=64,
+    intermediate_dim=128,
+    num_groups=1,
+    num_inner_repetitions=1,
+    max_sequence_length=512,
+)
+# ALBERT-base's shape (v1 and v2 alike): 12 layers sharing one, hidden 768, embeddings 128.
+ALBERT_BASE = dict(
+    TINY_ALBERT,
+    num_layers=12,
+    num_heads=12,
+    embedding_dim=128,
+    hidden_dim=768,
+    intermediate_dim=3072,
+)
 
 
 def use_exact_gelu(backbone: keras.Model) -> None:

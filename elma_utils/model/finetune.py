@@ -104,6 +104,13 @@ def finetune(
 
 def _train_and_save(profile: cfg.Profile, name: str, out: Path, policy: str, data_dir, verbose) -> Path:
     keras.utils.set_random_seed(profile.seed)
+    # the backbone first: weights that cannot be had (a preset offline) fail before feature work
+    backbone, kwargs = artifacts.build_backbone(profile.backbone, source=profile.backbone_source)
+    if profile.max_seq_len > backbone.max_sequence_length:
+        raise ValueError(
+            f"max_seq_len={profile.max_seq_len} exceeds the backbone's {backbone.max_sequence_length} positions; "
+            "use a profile with a shorter max_seq_len"
+        )
     tokenizer = artifacts.tokenizer_for(profile.backbone)
     examples = training_examples(profile, data_dir)
     t0 = time.time()
@@ -121,12 +128,6 @@ def _train_and_save(profile: cfg.Profile, name: str, out: Path, policy: str, dat
         f"{len(examples)} examples → {len(feats)} features; labelled spans recovered: {recovery['rate']:.4f}"
     )
 
-    backbone, kwargs = artifacts.build_backbone(profile.backbone, source=profile.backbone_source)
-    if profile.max_seq_len > backbone.max_sequence_length:
-        raise ValueError(
-            f"max_seq_len={profile.max_seq_len} exceeds the backbone's {backbone.max_sequence_length} positions; "
-            "use a profile with a shorter max_seq_len"
-        )
     model = SpanQAModel(backbone)
     model.build_for()
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ def _train_and_save(profile: cfg.Profile, name: str, out: Path, policy: str, dat
     set_policy("float32")  # saved weights and the artifact's model are float32
     config = {
         "name": name,
-        "backbone": {"kind": "albert" if profile.backbone == "albert" else "bert", "kwargs": kwargs},
+        "backbone": {"kind": artifacts.backbone_family(profile.backbone), "kwargs": kwargs},
         "source": profile.backbone_source or profile.backbone,
         "max_seq_len": profile.max_seq_len,
         "doc_stride": profile.doc_stride,

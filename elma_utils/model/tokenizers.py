@@ -240,6 +240,6 @@ def load_tokenizer(kind: str) -> QATokenizer:
     """'wordpiece'/'minilm' → MiniLM vocabulary; 'sentencepiece'/'albert' → ALBERT 30k model."""
     if kind in ("wordpiece", "minilm", "bert", "tiny-bert"):
         return QATokenizer.minilm()
-    if kind in ("sentencepiece", "albert"):
+    if kind in ("sentencepiece", "albert", "tiny-albert"):
         return QATokenizer.albert()
     raise ValueError(f"unknown tokenizer {kind!r}; use 'minilm' or 'albert'")
