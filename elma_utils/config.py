@@ -95,6 +95,29 @@ class Profile:
     # notebook 07: E_T the device answers with while the data set grows (None: the bundle's own;
     # -1 offloads every question, which a random model needs, since it settles everything)
     growth_edge_threshold: float | None = None
+    # notebook 07 / bench.growth_rounds: the rounds on a deployment domain (server.deployment_domain
+    # DomainSizes, server.growth_rounds RoundsSettings); the defaults are the smoke sizes
+    growth_articles: int = 2  # deployment articles (dev-v1.1 articles no model trained on)
+    growth_paragraphs_per_article: int | None = 3  # None: every paragraph of a deployment article
+    growth_asked_fraction: float = 0.6  # of each deployment article's questions, asked on the device
+    growth_rounds: int = 2  # the asked part is cut into this many rounds
+    growth_other_questions: int = 16  # other articles' questions measuring forgetting
+    growth_calibration_questions: int = 16  # other articles' questions choosing a retrained edge's E_T
+    growth_guard_questions: int = 16  # other articles' questions with real labels in the gate
+    growth_order: str = "interleaved"  # how an article's questions arrive: "interleaved" or "document"
+    growth_replay_questions: int = 16  # original training questions replayed in every retraining
+    growth_epochs: float = 1.0  # epochs of each retraining
+    # what a round retrains, each from the same start (server.growth_rounds.RETRAIN_TARGETS)
+    growth_targets: tuple[str, ...] = ("exits",)
+    # notebook 01: questions loaded from each SQuAD file for the checks (None: every one)
+    data_check_limit: int | None = None
+    # notebook 03: questions timed for the layer-by-layer runtime's speed-up (batch 1)
+    exit_speedup_questions: int = 300
+    # notebook 05: the E_T sweep, the SSH round trips and the server throughput benchmark
+    offload_curve_questions: int = 300  # questions through the device path per E_T of the sweep
+    round_trip_lines: int = 300  # pings per way of sending (persistent channel, channel per line, TCP)
+    round_trip_new_connection_lines: int = 10  # pings over a new SSH connection each
+    throughput_per_client: int = 100  # timed questions per simulated device
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +142,22 @@ class Profile:
             return f"ALBERT from {self.backbone_source or 'a --backbone-source'}"
         return "MiniLM-L6 (all-MiniLM-L6-v2 weights)" if self.backbone == "minilm" else self.backbone
 
+
+# The rounds on a deployment domain at the size that measures something (cpu and full): 12
+# deployment articles with every paragraph, three rounds, both retraining targets.
+REAL_GROWTH_ROUNDS = {
+    "growth_articles": 12,
+    "growth_paragraphs_per_article": None,
+    "growth_asked_fraction": 0.6,
+    "growth_rounds": 3,
+    "growth_other_questions": 600,
+    "growth_calibration_questions": 600,
+    "growth_guard_questions": 400,
+    "growth_order": "interleaved",
+    "growth_replay_questions": 1500,
+    "growth_epochs": 2.0,
+    "growth_targets": ("exits", "exits+layers"),
+}
 
 PROFILES: dict[str, Profile] = {
     # CI / nbval: a tiny random BERT and a few dozen questions; the whole pipeline in minutes.
@@ -151,6 +190,12 @@ PROFILES: dict[str, Profile] = {
         bench_runs=2,
         bench_warmup=1,
         growth_edge_threshold=-1.0,
+        data_check_limit=400,
+        exit_speedup_questions=20,
+        offload_curve_questions=8,
+        round_trip_lines=30,
+        round_trip_new_connection_lines=3,
+        throughput_per_client=5,
     ),
     # Real results on 2 CPU cores: MiniLM fine-tuned on a SQuAD v1.1 subset, whole dev sets evaluated.
     "cpu": Profile(
@@ -168,6 +213,7 @@ PROFILES: dict[str, Profile] = {
         epochs=1.0,
         v2_unanswerable_ratio=0.15,
         checkpoint_every=100,
+        **REAL_GROWTH_ROUNDS,
     ),
     # Whole SQuAD v1.1 train, several epochs; meant for a GPU machine.
     "full": Profile(
@@ -186,6 +232,7 @@ PROFILES: dict[str, Profile] = {
         v2_unanswerable_ratio=0.0,
         checkpoint_every=500,
         eval_batch_size=256,
+        **REAL_GROWTH_ROUNDS,
     ),
 }
 # The cpu profile plus on-topic made-up negatives (the answer sentence cut out of the own

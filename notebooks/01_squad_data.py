@@ -28,7 +28,7 @@ P
 # Every answer is checked at its `answer_start`; bad examples are counted, not fatal.
 
 # %%
-limit = 400 if P.is_smoke else None
+limit = P.data_check_limit
 train = load_squad("1.1", "train", data_dir=data_dir, limit=limit)
 dev1 = load_squad("1.1", "dev", data_dir=data_dir, limit=limit)
 dev2 = load_squad("2.0", "dev", data_dir=data_dir, limit=limit)

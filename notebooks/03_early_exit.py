@@ -135,7 +135,7 @@ for mode, s in [*stats_cmp.items(), (f"{best_mode} (all questions)", full)]:
 # The same questions through all layers and with early exit; wall-clock time per question, tokenisation excluded.
 
 # %%
-n_speed = 20 if P.is_smoke else 300
+n_speed = P.exit_speedup_questions
 thr = float(cf["threshold_per_question"][0])
 speed = ee.measure_speedup(exit_dirs[best_mode], thr, "1.1", n_questions=n_speed, data_dir=data_dir)
 speed

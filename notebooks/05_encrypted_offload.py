@@ -99,7 +99,7 @@ end_to_end["files"] = {
 # A lower E_T keeps fewer questions on the device: more offloads, F1 closer to the server's.
 
 # %%
-m = 8 if P.is_smoke else 300
+m = P.offload_curve_questions
 curve = []
 edge_model = dep.edge.edge
 own_policy = edge_model.policy
@@ -149,12 +149,12 @@ curve
 # A ping (no model time) over the persistent SSH channel, a new channel per question, a new SSH connection per question, and plain TCP to the service; the same through a real OpenSSH sshd.
 
 # %%
-lines = 30 if P.is_smoke else 300
-rtt = {"endpoint": dep.round_trips(lines, new_connection_lines=3 if P.is_smoke else 10)}
+lines, new_connection_lines = P.round_trip_lines, P.round_trip_new_connection_lines
+rtt = {"endpoint": dep.round_trips(lines, new_connection_lines=new_connection_lines)}
 store_stats = dep.server.store.stats()
 dep.close()
 with LoopbackDeployment(model_dir, bundle, work, way_in="sshd", device_id="notebook-05-sshd") as dep2:
-    rtt["sshd"] = dep2.round_trips(lines, new_connection_lines=3 if P.is_smoke else 10)
+    rtt["sshd"] = dep2.round_trips(lines, new_connection_lines=new_connection_lines)
 {
     w: {m: (round(r["p50_ms"], 3), round(r["wire_bytes_per_line"])) for m, r in v.items()}
     for w, v in rtt.items()
@@ -165,7 +165,7 @@ with LoopbackDeployment(model_dir, bundle, work, way_in="sshd", device_id="noteb
 # Each device on its own persistent SSH connection through ELMA's endpoint, asking dev questions one after another; every reply is matched to its request. The server is the real full model with its micro-batcher; clients, SSH and server share this machine's cores. A deployment of its own, so the benchmark's asks do not enter the store above.
 
 # %%
-per_client = 5 if P.is_smoke else 100
+per_client = P.throughput_per_client
 with LoopbackDeployment(
     model_dir, bundle, work.parent / f"{work.name}-throughput", device_id="bench"
 ) as dep3:

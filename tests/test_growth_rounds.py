@@ -86,6 +86,22 @@ def test_split_refuses_sizes_the_file_cannot_fill(dev_v11):
         DomainSizes(asked_fraction=1.0)
 
 
+def test_sizes_come_from_the_profile_and_a_smoke_profile_keeps_the_smoke_sizes(dev_v11):
+    from elma_utils.config import PROFILES
+
+    for name in ("smoke", "smoke-albert"):
+        assert DomainSizes.from_profile(PROFILES[name]) == DomainSizes(), name
+        assert PROFILES[name].growth_targets == ("exits",) and PROFILES[name].growth_replay_questions == 16
+    cpu = DomainSizes.from_profile(PROFILES["cpu"])
+    assert (cpu.articles, cpu.paragraphs_per_article, cpu.rounds, cpu.guard_questions) == (12, None, 3, 400)
+    assert PROFILES["cpu"].growth_targets == ("exits", "exits+layers")
+    assert DomainSizes.from_profile(PROFILES["cpu"], rounds=2, order=None) == dataclasses.replace(
+        cpu, rounds=2
+    )
+    d = split_domain(dev_v11.examples, cpu, seed=0)  # the cpu sizes fit in dev-v1.1
+    assert len(d.deployment_articles) == 12 and len(d.asked_rounds) == 3 and len(d.guard) == 400
+
+
 # -- the gate prices what it changes -------------------------------------------------------------------
 def scores(f1: float, share: float, system_f1: float | None = None, n: int = 400) -> dict:
     out = {"questions": n, "f1": f1, "exact": f1 - 10, "share_solved": share, "avg_exit_layer": 5.0}

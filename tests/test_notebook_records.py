@@ -3,7 +3,8 @@ other, and prediction files scoring what the metrics say (the recommenders way: 
 fail on a wrong number, not only on an exception).
 
 Checked for the committed ``cpu`` results (reports/) and, when a smoke run left them, for
-reports/profiles/smoke/ (nbval in scripts/test.sh writes them; not committed). Rescoring
+reports/profiles/smoke/ and reports/profiles/smoke-albert/ (nbval in scripts/test.sh writes
+them; not committed). Rescoring
 predictions needs the SQuAD dev files: without them (a clone without ../shared) those tests skip
 and say so.
 """
@@ -21,6 +22,7 @@ from elma_utils.report.headline import lookup
 REPORT_DIRS = {
     "cpu": config.PROJECT_ROOT / "reports",
     "smoke": config.PROJECT_ROOT / "reports" / "profiles" / "smoke",
+    "smoke-albert": config.PROJECT_ROOT / "reports" / "profiles" / "smoke-albert",
 }
 
 
@@ -28,7 +30,7 @@ def _metrics(profile: str, notebook: str) -> dict:
     root = REPORT_DIRS[profile]
     path = root / "metrics" / f"{notebook}.json"
     if not path.is_file():
-        how = "run `elma pipeline --profile smoke`" if profile == "smoke" else "run the cpu pipeline"
+        how = "run the cpu pipeline" if profile == "cpu" else f"run `elma pipeline --profile {profile}`"
         pytest.skip(f"{path.relative_to(config.PROJECT_ROOT)} is not there: {how} first")
     return reporting.load_metrics(path)
 
@@ -140,8 +142,21 @@ def test_06_speech(profile: str) -> None:
 @PROFILES
 def test_07_growth(profile: str) -> None:
     m = _metrics(profile, "07_dataset_growth_and_sync")
-    if "rounds" in m:  # issue 19's layout: one entry per round
-        assert isinstance(m["rounds"], list) and m["rounds"]
+    if "rounds" in m:  # issue 19's layout: one entry per round, round 0 first, per target
+        rounds, summary = _get(m, "rounds"), _get(m, "growth_rounds.summary")
+        assert rounds and {r["target"] for r in rounds} == set(summary)
+        for target, s in summary.items():
+            mine = [r for r in rounds if r["target"] == target]
+            assert [r["round"] for r in mine] == list(range(len(mine))) and s["rounds"] == len(mine) - 1
+            assert sum(r["asked"] for r in mine) == _get(m, "growth_rounds.domain.asked"), target
+            assert 0 <= s["published"] <= s["rounds"] and len(s["decisions"]) == s["rounds"]
+            for r in mine:
+                assert 0 <= r["offloaded"] <= r["asked"] and r["stored_questions"] >= 0
+                for group in ("deployment", "other"):
+                    _between(
+                        r[group]["share_on_device"], 0, 100, f"{target} round {r['round']} {group} share"
+                    )
+                    _between(r[group]["system_f1"], 0, 100, f"{target} round {r['round']} {group} F1")
         return
     g = _get(m, "grown")
     assert 0 <= g["offloaded"] <= g["asked"] and g["stored_questions"] <= g["offloaded"]

@@ -141,3 +141,18 @@ def test_1_4_8_clients_each_on_its_own_connection(tmp_path, minilm_tokenizer, de
     bench = {d: c for d, c in after.per_device.items() if d.startswith("bench-")}
     runs_with_k = {k: sum(1 for n in CLIENTS if k < n) for k in range(max(CLIENTS))}
     assert bench == {f"bench-{k}": runs * per_run for k, runs in runs_with_k.items()}
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_work_dir_is_answered_too(tmp_path, minilm_tokenizer):
+    """Notebook 05 reruns into the same directory: the simulated devices' keys are on disk from
+    the first run and ``authorized_keys`` is written anew at start; every device must still be
+    let in (it once was not: every ask of the second run was ``AuthenticationRejected``)."""
+    model = save_tiny_artifact(tmp_path / "model", minilm_tokenizer)
+    bundle = write_tiny_bundle(tmp_path / "bundle", minilm_tokenizer, -1.0)
+    questions = [("Who wrote it?", "It was written by Ada Lovelace in 1843.")]
+    for run in ("first", "second"):
+        with LoopbackDeployment(model, bundle, tmp_path / "work") as dep:
+            results = dep.server_throughput(questions, (1, 2), per_client=2, warmup=1)
+        for n, r in results.items():
+            assert (r["errors"], r["answered"], r["error_examples"]) == (0, 2 * n, []), f"{run} run, {n}"

@@ -6,11 +6,11 @@ split by ``server.deployment_domain``; writes the ``rounds`` into
 ``<reports>/metrics/07_dataset_growth_and_sync.json`` (other keys of that file are kept) with
 the commit and the command, and the figure ``07_growth_rounds.png``:
 
-    python -m elma_utils.bench.growth_rounds --profile cpu --targets exits exits+layers \\
-        --articles 12 --rounds 3 --replay 1500
+    python -m elma_utils.bench.growth_rounds --profile cpu     # the profile's sizes and targets
+    python -m elma_utils.bench.growth_rounds --profile cpu --targets exits --rounds 2
 
-Sizes not given on the command line come from the profile's ``growth_*`` knobs
-(``DomainSizes.from_profile``), else the smoke-sized defaults.
+What is not given on the command line comes from the profile's ``growth_*`` knobs (sizes:
+``DomainSizes.from_profile``; replay, epochs, targets, the asking device's E_T).
 """
 
 from __future__ import annotations
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, help="default: artifacts/<model>-growth-rounds")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--reports-dir", type=Path, help="default: the profile's reports directory")
-    p.add_argument("--targets", nargs="+", default=["exits"], choices=sorted(RETRAIN_TARGETS))
+    p.add_argument(
+        "--targets", nargs="+", default=None, choices=sorted(RETRAIN_TARGETS), help="default: the profile's"
+    )
     p.add_argument("--articles", type=int, help="deployment articles")
     p.add_argument("--paragraphs-per-article", type=int, help="0: every paragraph")
     p.add_argument("--asked-fraction", type=float)
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guard", type=int, help="other-article questions in the gate's held-out set")
     p.add_argument("--order", choices=["interleaved", "document"])
     p.add_argument("--replay", type=int, default=None, help="original training questions per retraining")
-    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="default: the profile's")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None, help="default: the target's")
     p.add_argument("--tolerance", type=float, default=0.0)
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "--ask-entropy-threshold",
         type=float,
         default=None,
-        help="the asking device's E_T instead of the bundle's (a tiny model that settles everything)",
+        help="the asking device's E_T instead of the bundle's (a tiny model that settles everything; "
+        "default: the profile's growth_edge_threshold)",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -182,20 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     if paragraphs is not None:
         sizes = dataclasses.replace(sizes, paragraphs_per_article=paragraphs or None)
     domain = split_domain(load_squad("1.1", "dev", data_dir=args.data_dir).examples, sizes, seed=args.seed)
-    n_replay = args.replay if args.replay is not None else getattr(P, "growth_replay_questions", 16)
+    n_replay = args.replay if args.replay is not None else P.growth_replay_questions
     replay = replay_questions(P, n_replay, args.data_dir, seed=args.seed)
+    ask_threshold = args.ask_entropy_threshold
     settings = RoundsSettings(
-        epochs=args.epochs if args.epochs is not None else getattr(P, "growth_epochs", 1.0),
+        epochs=args.epochs if args.epochs is not None else P.growth_epochs,
         batch_size=args.batch_size or P.batch_size, learning_rate=args.learning_rate,
         tolerance=args.tolerance, max_share_drop=args.max_share_drop,
-        ask_entropy_threshold=args.ask_entropy_threshold, seed=args.seed,
+        ask_entropy_threshold=ask_threshold if ask_threshold is not None else P.growth_edge_threshold,
+        seed=args.seed,
     )  # fmt: skip
+    targets = args.targets or list(P.growth_targets)
     work = args.work_dir or config.artifacts_dir() / f"{model_dir.name}-growth-rounds"
     print(f"domain: {domain.describe()['asked_per_round']} asked per round, {len(domain.later)} later, "
-          f"{len(domain.other)} other; replay {len(replay)}; targets {args.targets}", flush=True)  # fmt: skip
+          f"{len(domain.other)} other; replay {len(replay)}; targets {targets}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
     result = run_growth_rounds(
-        model_dir, bundle, exits, work, domain, replay, settings, args.targets,
+        model_dir, bundle, exits, work, domain, replay, settings, targets,
         log=lambda line: print(line, flush=True),
     )  # fmt: skip
     command = "python -m elma_utils.bench.growth_rounds " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -26,6 +26,7 @@ from elma_utils.edge.outbox import Outbox
 from elma_utils.edge.ssh_client import SSHTunnelClient
 from elma_utils.edge.ssh_keys import (
     add_known_host,
+    fingerprint,
     generate_ed25519_key,
     load_private_key,
     write_authorized_keys,
@@ -137,13 +138,25 @@ class LoopbackDeployment:
         )
 
     def _device_key(self, device_id: str) -> Path:
-        """Another device's key file, registered in authorized_keys under its id (device_keys)."""
-        from elma_utils.server.device_keys import add_device
+        """Another device's key file, registered in authorized_keys under its id (device_keys).
+
+        Registered whenever authorized_keys does not hold it, not only when the key is new:
+        ``start`` writes authorized_keys anew, while the keys of an earlier run into the same
+        directory stay on disk (registering only new keys refused every one of them)."""
+        from elma_utils.server.device_keys import add_device, list_devices, revoke_device
 
         key = self.work / "keys" / f"device-{device_id}_ed25519"
         if not key.is_file():
             generate_ed25519_key(key, comment=device_id)
-            add_device(self.authorized_keys, device_id, f"{key}.pub")
+        registered = {d["device_id"]: d["fingerprint"] for d in list_devices(self.authorized_keys)}
+        if registered.get(device_id) != fingerprint(load_private_key(key)):
+            revoke_device(self.authorized_keys, device_id)  # another key under this id: not this one
+            options = ""
+            if self.sshd is not None:  # OpenSSH: the same restricted line as the deployment's device
+                from elma_utils.server.sshd import device_key_options
+
+                options = device_key_options(("127.0.0.1", self.server.port), self.sftp_root)
+            add_device(self.authorized_keys, device_id, f"{key}.pub", options=options)
         return key
 
     def round_trips(self, lines: int = 300, new_connection_lines: int = 20) -> dict:

@@ -1,7 +1,7 @@
 """REPORT.md: what a person reads after a run.
 
-Order: a line that says a smoke report's numbers come from a random tiny model (smoke profiles
-only), the headline table (``headline``), one section per notebook (``sections``), figures no
+Order: a line that says a report's numbers come from a random tiny model (profiles with random
+weights only), the headline table (``headline``), one section per notebook (``sections``), figures no
 section claims, then the appendices: the environment (package versions, machine), where each
 metrics file came from (commit, command), and the prediction files.
 """
@@ -24,11 +24,10 @@ ENVIRONMENT_PARTS = ("machine", "packages", "interpreters", "apt", "ready")  # t
 
 
 def is_random_model_profile(profile: str | None) -> bool:
-    """True for profiles whose model is random and tiny (smoke, smoke-albert, ...)."""
-    if not profile:
-        return False
-    known = config.PROFILES.get(profile)
-    return profile.startswith("smoke") or (known is not None and known.backbone.startswith("tiny"))
+    """True for profiles whose model is random and tiny (``Profile.random_weights``: smoke,
+    smoke-albert); False for a name that is no profile."""
+    known = config.PROFILES.get(profile) if profile else None
+    return known is not None and known.random_weights
 
 
 def build_report(root: Path, profile: str | None) -> str:

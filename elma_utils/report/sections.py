@@ -77,6 +77,19 @@ def _minutes(v: Any) -> str:
     return f"{float(v) / 60:.1f} min"
 
 
+def _points(v: Any) -> str:
+    return f"{float(v):+.1f} points".replace("-", "−")
+
+
+def _per_target(fmt: Callable[[Mapping[str, Any]], str]) -> Callable[[Any], str]:
+    """A number of each retraining target's summary (``growth_rounds.summary``), as ``target: …``."""
+
+    def text(summary: Any) -> str:
+        return "; ".join(f"{target}: {fmt(s)}" for target, s in summary.items())
+
+    return text
+
+
 SECTIONS: dict[str, SectionSpec] = {
     "00": SectionSpec(
         "00 · Environment",
@@ -250,18 +263,42 @@ SECTIONS: dict[str, SectionSpec] = {
         "Whether the questions the device could not settle teach the edge model anything, and whether "
         "the gate lets only a better model through to the device.",
         (
-            Number("growth rounds", "07_dataset_growth_and_sync", ("rounds",), lambda v: str(len(v))),
-            Number("questions asked on the device", "07_dataset_growth_and_sync", ("grown.asked",), _count),
-            Number("retrained candidate's F1", "07_dataset_growth_and_sync", ("retrain.candidate.f1",), _f1),
-            Number("current edge F1", "07_dataset_growth_and_sync", ("retrain.current.f1",), _f1),
             Number(
-                "published",
+                "questions asked on the device",
                 "07_dataset_growth_and_sync",
-                ("retrain.published",),
-                lambda v: "yes" if v else "no",
+                ("growth_rounds.domain.asked",),
+                _count,
+            ),
+            Number(
+                "candidates published, of the rounds",
+                "07_dataset_growth_and_sync",
+                ("growth_rounds.summary",),
+                _per_target(lambda s: f"{s['published']} of {s['rounds']}"),
+            ),  # fmt: skip
+            Number(
+                "deployment articles: settled on the device, first round to last",
+                "07_dataset_growth_and_sync",
+                ("growth_rounds.summary",),
+                _per_target(lambda s: _points(s["targets"]["deployment_change"]["share_on_device"])),
+            ),  # fmt: skip
+            Number(
+                "deployment articles: whole-system F1, first round to last",
+                "07_dataset_growth_and_sync",
+                ("growth_rounds.summary",),
+                _per_target(lambda s: _signed_f1(s["targets"]["deployment_change"]["system_f1"])),
+            ),  # fmt: skip
+            Number(
+                "other articles: whole-system F1, first round to last (forgetting)",
+                "07_dataset_growth_and_sync",
+                ("growth_rounds.summary",),
+                _per_target(lambda s: _signed_f1(s["targets"]["other_change"]["system_f1"])),
             ),  # fmt: skip
         ),
-        {"07_edge_f1_before_after": "Edge F1 and share settled before and after retraining."},
+        {
+            "07_growth_rounds": "Share of the questions settled on the device and F1 per growth round "
+            "(0: before growth), the deployment articles' never-asked questions and other articles, for "
+            "every retraining target."
+        },
     ),
     "bench": SectionSpec(
         "Benchmarks outside the notebooks",

@@ -26,15 +26,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from elma_utils.config import Profile
 
 ORDERS = ("interleaved", "document")
 
 
 @dataclass(frozen=True)
 class DomainSizes:
-    """How big the experiment's data is (``from_profile`` reads the ``growth_*`` profile knobs)."""
+    """How big the experiment's data is (``from_profile`` reads the ``growth_*`` profile knobs;
+    the defaults here are the smoke profile's)."""
 
     articles: int = 2  # deployment articles
     paragraphs_per_article: int | None = 3  # None: every paragraph of a deployment article
@@ -61,11 +65,20 @@ class DomainSizes:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 
     @classmethod
-    def from_profile(cls, profile: Any, **overrides: Any) -> DomainSizes:
-        """The profile's ``growth_<field>`` knobs (``growth_articles`` …) where it has them, the
-        defaults (smoke-sized) where not, then ``overrides``."""
-        values = {f: getattr(profile, f"growth_{f}", default) for f, default in asdict(cls()).items()}
-        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+    def from_profile(cls, profile: Profile, **overrides: Any) -> DomainSizes:
+        """The profile's ``growth_*`` knobs (``growth_articles`` …), then ``overrides`` (None: the
+        profile's)."""
+        sizes = cls(
+            articles=profile.growth_articles,
+            paragraphs_per_article=profile.growth_paragraphs_per_article,
+            asked_fraction=profile.growth_asked_fraction,
+            rounds=profile.growth_rounds,
+            other_questions=profile.growth_other_questions,
+            calibration_questions=profile.growth_calibration_questions,
+            guard_questions=profile.growth_guard_questions,
+            order=profile.growth_order,
+        )
+        return replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass

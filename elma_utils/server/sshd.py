@@ -296,7 +296,11 @@ def _descendants(pid: int) -> list[int]:
     found, queue = [], [pid]
     while queue:
         parent = queue.pop(0)
-        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").glob("*/children"))
+        except FileNotFoundError:  # it exited while we looked: no children left to stop
+            continue
+        for task in tasks:
             try:
                 kids = [int(x) for x in task.read_text().split()]
             except (FileNotFoundError, ProcessLookupError):
