@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import keras
 import numpy as np
 import pytest
+from qa_fixtures import tiny_span_model
 
 from elma_utils.early_exit.policies import EntropyPolicy, NeverExit
 from elma_utils.early_exit.runtime import EarlyExitRunner
@@ -23,9 +23,7 @@ from elma_utils.early_exit.skim import (
     skim_targets,
 )
 from elma_utils.export.bundle import BundleError, verify_bundle, write_bundle
-from elma_utils.model.backbones import TINY_BERT, build_bert_backbone
 from elma_utils.model.multi_exit import MultiExitQAModel
-from elma_utils.model.qa_model import SpanQAModel
 from elma_utils.squad.features import build_features
 
 SEQ = 96
@@ -145,9 +143,11 @@ def test_skim_head_save_load_and_bad_settings(tmp_path):
     for bad in ({"tau": 1.5}, {"block": 0}, {"layer": 0}, {"margin_blocks": -1}):
         with pytest.raises(ValueError):
             head.with_settings(**bad)
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a skim head"):
-        SkimHead.load(tmp_path / "bad.npz")
+    whole = (tmp_path / "skim.npz").read_bytes()
+    for content in (b"not a zip", b"", whole[:40]):  # garbage, empty, a truncated .npz
+        (tmp_path / "bad.npz").write_bytes(content)
+        with pytest.raises(ValueError, match="not a skim head"):
+            SkimHead.load(tmp_path / "bad.npz")
 
 
 # ---------------------------------------------------------------- tiny models
@@ -155,10 +155,7 @@ def test_skim_head_save_load_and_bad_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup(dev_v11, minilm_tokenizer):
-    keras.utils.set_random_seed(0)
-    span = SpanQAModel(build_bert_backbone(dropout=0.0, **{**TINY_BERT, "num_layers": 3}))
-    span.build_for()
-    multi = MultiExitQAModel.from_span_model(span)
+    multi = MultiExitQAModel.from_span_model(tiny_span_model(seed=0, num_layers=3))
     examples = dev_v11.examples[:10]
     feats = build_features(examples, minilm_tokenizer, progress=False, **WINDOWS)
     return multi, examples, feats

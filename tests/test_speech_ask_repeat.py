@@ -32,22 +32,17 @@ def bundle(work, minilm_tokenizer):
     return write_tiny_bundle(work / "bundle", minilm_tokenizer, 1.0)
 
 
+def _ask_args(audio, bundle, work, monkeypatch) -> list[str]:
+    """`elma ask` arguments for `audio` on the tiny bundle, no LM; the cache under `work`."""
+    monkeypatch.setenv("ELMA_CACHE_DIR", str(work / "cache"))
+    return ["ask", "--audio", str(audio), "--context", CONTEXT, "--bundle", str(bundle), "--lm", "none"]
+
+
 def test_elma_ask_says_the_transcript_is_unreliable_and_asks_to_repeat(work, bundle, capsys, monkeypatch):
     pytest.importorskip("faster_whisper")
     from elma_utils.cli import main
 
-    monkeypatch.setenv("ELMA_CACHE_DIR", str(work / "cache"))
-    args = [
-        "ask",
-        "--audio",
-        str(work / "please.wav"),
-        "--context",
-        CONTEXT,
-        "--bundle",
-        str(bundle),
-        "--lm",
-        "none",
-    ]
+    args = _ask_args(work / "please.wav", bundle, work, monkeypatch)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "heard:" in out and "please" in out.lower()
@@ -67,19 +62,7 @@ def test_a_clear_spoken_question_is_still_answered(work, bundle, capsys, monkeyp
     from elma_utils.cli import main
 
     subprocess.run(["espeak-ng", "-w", str(work / "q.wav"), "What is the capital of France?"], check=True)
-    monkeypatch.setenv("ELMA_CACHE_DIR", str(work / "cache"))
-    args = [
-        "ask",
-        "--audio",
-        str(work / "q.wav"),
-        "--context",
-        CONTEXT,
-        "--bundle",
-        str(bundle),
-        "--lm",
-        "none",
-        "--json",
-    ]
+    args = [*_ask_args(work / "q.wav", bundle, work, monkeypatch), "--json"]
     assert main(args) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["source"] == "edge" and record["unreliable"] is None

@@ -26,6 +26,7 @@ so the Keras-free edge runtime uses the same code as training and calibration.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,7 @@ class SkimHead:
         try:
             with np.load(Path(path), allow_pickle=False) as d:
                 stored = {k: d[k] for k in d.files}
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # empty, truncated
             raise ValueError(f"{path}: not a skim head file: {err}") from err
         missing = {"w", "b", "layer"} - set(stored)
         if missing:

@@ -171,6 +171,13 @@ def _grow_record(r: publish.RetrainResult) -> dict[str, Any]:
     }
 
 
+def _domain_sets(
+    domain: DeploymentDomain, full_model_dir: str | Path, answers_dir: Path
+) -> list[publish.EvalSet]:
+    """The measuring sets of a domain: its later deployment questions and the other ones."""
+    return measure_sets({"deployment": domain.later, "other": domain.other}, full_model_dir, answers_dir)
+
+
 def run_target(
     full_model_dir: str | Path,
     bundle_dir: str | Path,
@@ -194,11 +201,7 @@ def run_target(
     calibration = _write_squad(data / "calibration.json", domain.calibration)
     guard = _write_squad(data / "guard.json", domain.guard)
     original = _write_squad(data / "replay.json", replay) if replay else None
-    sets = measure_on or measure_sets(
-        {"deployment": domain.later, "other": domain.other},
-        full_model_dir,
-        server_root / publish.SERVER_ANSWERS_DIR,
-    )
+    sets = measure_on or _domain_sets(domain, full_model_dir, server_root / publish.SERVER_ANSWERS_DIR)
     rounds: list[dict[str, Any]] = []
     with LoopbackDeployment(
         full_model_dir, bundle_dir, work / "loop", device_id=f"growth-{work.name}",
@@ -265,9 +268,7 @@ def run_growth_rounds(
     are computed once and shared by the targets."""
     t0 = time.perf_counter()
     work = Path(work_dir)
-    sets = measure_sets(
-        {"deployment": domain.later, "other": domain.other}, full_model_dir, work / "server-answers"
-    )
+    sets = _domain_sets(domain, full_model_dir, work / "server-answers")
     rounds: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for target in targets:

@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -361,11 +361,10 @@ class WhisperRecognizer:
             max_acoustic_gap=self.max_acoustic_gap,
         )
 
-    def fallback(self, samples: np.ndarray, prompt: str | None = None) -> Fallback:
-        """Decode again with temperature fallback (0.0, 0.4, 0.8: the next when the text
-        compresses too well or its log-probability is low), with `prompt` (None: none)."""
-        start = time.perf_counter()
-        segments, _info = self.model.transcribe(
+    def _decode(self, samples: np.ndarray, prompt: str | None, **options) -> tuple[list, Any]:
+        """One faster-whisper decode of `samples` (no timestamps, no VAD, no carried text):
+        (the decoded segments, the info); `options` go to ``WhisperModel.transcribe``."""
+        segments, info = self.model.transcribe(
             samples,
             language=self.language,
             beam_size=self.beam_size,
@@ -373,9 +372,15 @@ class WhisperRecognizer:
             condition_on_previous_text=False,
             vad_filter=False,
             initial_prompt=prompt,
-            temperature=FALLBACK_TEMPERATURES,
+            **options,
         )
-        segments = list(segments)  # the generator does the decoding
+        return list(segments), info  # the generator does the decoding
+
+    def fallback(self, samples: np.ndarray, prompt: str | None = None) -> Fallback:
+        """Decode again with temperature fallback (0.0, 0.4, 0.8: the next when the text
+        compresses too well or its log-probability is low), with `prompt` (None: none)."""
+        start = time.perf_counter()
+        segments, _info = self._decode(samples, prompt, temperature=FALLBACK_TEMPERATURES)
         text = " ".join(s.text.strip() for s in segments).strip()
         tokens = [len(s.tokens) for s in segments]
         avg = (
@@ -437,16 +442,8 @@ class WhisperRecognizer:
             if nb.skipped:
                 details.update(no_speech="decoder")
         else:
-            segments, info = self.model.transcribe(
-                samples,
-                language=self.language,
-                beam_size=self.beam_size,
-                without_timestamps=True,
-                condition_on_previous_text=False,
-                vad_filter=False,
-                initial_prompt=prompt,
-            )
-            text = " ".join(s.text.strip() for s in segments).strip()  # the generator does the decoding
+            segments, info = self._decode(samples, prompt)
+            text = " ".join(s.text.strip() for s in segments).strip()
             details.update(language=info.language, rescored=False)
         if self.guard and text:
             verdict = assess(
