@@ -127,10 +127,11 @@ class SkimHead:
         missing = {"w", "b", "layer"} - set(stored)
         if missing:
             raise ValueError(f"{path}: skim head file lacks {sorted(missing)}")
-        kwargs = {"w": stored["w"], "b": float(stored["b"]), "layer": int(stored["layer"])}
-        for key, kind in (("block", int), ("tau", float), ("margin_blocks", int)):
+        # integers stay as stored (2.5 is refused by __post_init__, not rounded to 2)
+        kwargs = {"w": stored["w"], "b": float(stored["b"]), "layer": stored["layer"].item()}
+        for key, kind in (("block", None), ("tau", float), ("margin_blocks", None)):
             if key in stored:
-                kwargs[key] = kind(stored[key])
+                kwargs[key] = kind(stored[key]) if kind else stored[key].item()
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kwargs)
 

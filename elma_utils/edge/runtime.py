@@ -156,6 +156,10 @@ class EdgeModel:
         self.rule = thresholds.get("rule", "max")
         self.null_threshold = thresholds.get("null_threshold")
         self.skim = skim_from_manifest(self.bundle_dir, manifest)
+        if self.skim is not None and not 1 <= self.skim.layer < len(self.steps):  # refuse at load
+            raise ValueError(
+                f"manifest.json: skim layer {self.skim.layer} must lie in 1..{len(self.steps) - 1}"
+            )
         check_predictor_skim(thresholds, manifest.get("skim"))
         self._tokenizer = None
 
