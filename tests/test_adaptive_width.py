@@ -148,6 +148,8 @@ def test_skim_head_save_load_and_bad_settings(tmp_path):
         (tmp_path / "bad.npz").write_bytes(content)
         with pytest.raises(ValueError, match="not a skim head"):
             SkimHead.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "float.npz", w=head.w, b=0.5, layer=2.0, block=8.0)  # stored as floats
+    assert type(SkimHead.load(tmp_path / "float.npz").layer) is int
     np.savez(tmp_path / "half.npz", w=head.w, b=0.5, layer=2.5)  # a layer that is no integer
     with pytest.raises(ValueError, match="integer"):
         SkimHead.load(tmp_path / "half.npz")

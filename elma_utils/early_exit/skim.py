@@ -79,6 +79,9 @@ class SkimHead:
             raise ValueError(f"skim tau must lie in 0..1, got {self.tau}")
         if int(self.margin_blocks) != self.margin_blocks or self.margin_blocks < 0:
             raise ValueError(f"margin_blocks must be an integer ≥ 0, got {self.margin_blocks}")
+        for name in ("layer", "block", "margin_blocks"):  # 2.0 from a file is the integer 2
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "tau", float(self.tau))
 
     def with_settings(self, **changes) -> SkimHead:
         """The same weights with another keep rule (``tau``, ``block``, ``margin_blocks``, ``layer``)."""
