@@ -5,9 +5,9 @@ Each notebook gets ``profile`` (and any extra parameters) injected after its cel
 its reports directory (``config.reports_dir_for``: reports/ for cpu, reports/profiles/<name>/
 otherwise). Executed copies land in ``<reports>/runs/<timestamp>-<profile>/``; the notebooks
 themselves are only read. A notebook that already finished is skipped unless ``force`` or its
-"already done" key changed (:func:`run_key`): the notebook's cells, the package source
-(``elma_utils/**/*.py``), the profile, the injected parameters and the SQuAD files the profile
-reads (their sha256, cached by path, size and mtime in ``<reports>/runs/file-sha256.json``).
+"already done" key changed (:func:`run_key`): the notebook's cells, the package source it
+can run (the modules of ``elma_utils`` its cells reach through imports, see ``package_deps``),
+the profile, the injected parameters and the SQuAD files the profile reads (their sha256, cached by path, size and mtime in ``<reports>/runs/file-sha256.json``).
 The record is ``<reports>/runs/state-<profile>.json``. The first failing notebook stops the run
 with :class:`PipelineError`, which names the notebook, the cell and the executed copy that
 holds the traceback. ``<reports>/REPORT.md`` is regenerated at the end (also after a failure).
@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from elma_utils import config, reporting
+from elma_utils import config, package_deps, reporting
 
 KERNEL_NAME = "python3"
 NOTEBOOK_RE = re.compile(r"^(\d{2})_(.+)\.ipynb$")
@@ -163,14 +163,27 @@ def notebook_digest(path: Path) -> str:
     return _json_sha256(cells)
 
 
-def package_digest(package_dir: Path | None = None) -> str:
-    """sha256 over ``elma_utils/**/*.py`` in sorted order, each file's relative path and bytes."""
+def package_digest(package_dir: Path | None = None, files: Sequence[Path] | None = None) -> str:
+    """sha256 over the package's ``files`` (default: every ``**/*.py``), each file's relative path and bytes."""
     root = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+    chosen = root.rglob("*.py") if files is None else files
+    for path in sorted(chosen, key=lambda p: p.relative_to(root).as_posix()):
         rel = path.relative_to(root).as_posix()
         h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
+
+
+def notebook_package_digest(nb_path: Path, package_dir: Path | None = None) -> str:
+    """``package_digest`` of the modules the notebook's code cells can run (``package_deps.closure``).
+
+    A notebook that never imports the speech front end is not run again when only that changes."""
+    import nbformat
+
+    root = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    nb = nbformat.read(str(nb_path), as_version=4)
+    sources = [c.source for c in nb.cells if c.cell_type == "code"]
+    return package_digest(root, package_deps.closure(sources, root))
 
 
 def data_files(profile: config.Profile, data_dir: Path | str | None = None) -> list[tuple[str, Path | None]]:
@@ -225,11 +238,11 @@ def run_key(
 ) -> dict[str, str]:
     """What a finished notebook's results depend on, one sha256 per part (see ``KEY_PARTS``).
 
-    ``package`` lets a run hash the package source once for all its notebooks."""
+    ``package`` overrides the digest of the package source the notebook can run."""
     params = dict(parameters or {})
     return {
         "notebook": notebook_digest(nb_path),
-        "package": package or package_digest(),
+        "package": package or notebook_package_digest(nb_path),
         "profile": _json_sha256(profile.to_dict()),
         "parameters": _json_sha256(params),
         "data": data_digest(profile, params.get("data_dir"), cache_path),
@@ -284,7 +297,6 @@ def run_pipeline(
     root = reports_root(profile_name, reports_dir)
     parameters = {"profile": profile_name, **(extra_parameters or {})}
     state = load_state(profile_name, root)
-    package = package_digest()
     hash_cache = root / reporting.RUNS_DIR / HASH_CACHE_FILE
     run_dir: Path | None = None
     results: list[dict] = []
@@ -292,7 +304,7 @@ def run_pipeline(
     try:
         for i, nb_path in enumerate(notebooks, 1):
             name = nb_path.stem
-            key = run_key(nb_path, prof, parameters, package=package, cache_path=hash_cache)
+            key = run_key(nb_path, prof, parameters, cache_path=hash_cache)
             done = state.get(name)
             changed = changed_parts(done, key)
             if not force and done and not changed:

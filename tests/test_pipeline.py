@@ -223,7 +223,7 @@ def test_a_finished_notebook_reruns_when_anything_it_depends_on_changes(
     assert run() == ["02_beta"]
 
     # the package source
-    monkeypatch.setattr(pipeline, "package_digest", lambda: "elma_utils changed")
+    monkeypatch.setattr(pipeline, "notebook_package_digest", lambda nb: "elma_utils changed")
     assert run() == ["01_alpha", "02_beta"]
     assert run() == []
 
