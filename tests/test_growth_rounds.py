@@ -124,6 +124,9 @@ def test_gate_refuses_a_candidate_that_settles_more_but_loses_whole_system_f1():
     assert publish.publish_refusal(current, candidate) == gate["refusal"]
     # judged on the edge alone, the same candidate would have passed
     assert publish.publish_refusal(scores(70.0, 90.0), scores(72.0, 97.0)) is None
+    # one side priced and the other not is a mistake, not a quiet fallback to edge F1
+    with pytest.raises(ValueError, match="only the candidate result has whole-system F1"):
+        publish.gate_report(scores(70.0, 90.0), scores(72.0, 97.0, system_f1=76.5))
 
 
 def test_gate_accepts_a_candidate_that_settles_more_without_losing_whole_system_f1():

@@ -44,6 +44,7 @@ from typing import Any
 
 from elma_utils.atomic_files import write_json_atomic
 from elma_utils.bench.throughput import percentile
+from elma_utils.report import provenance
 
 CONTEXT = (
     "The Seine is a 777-kilometre-long river in northern France. It rises at Source-Seine, "
@@ -282,7 +283,7 @@ def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5,
     if compared is not None:
         result["adaptive_vs_full"] = compared
     result["machine"] = machine_facts()
-    result["produced_by"] = _provenance()
+    result[provenance.KEY] = provenance.provenance()
     write_json_atomic(out, result)
     return result
 
@@ -336,18 +337,6 @@ def _tiny_server_model(directory: Path) -> Path:
     config = {"backbone": {"kind": "bert", "kwargs": dict(TINY_BERT)}, "max_seq_len": 384, "doc_stride": 128,
               "max_query_len": 64, "model_version": "bench-server-tiny"}  # fmt: skip
     return artifacts.save_artifact(directory, model, QATokenizer.minilm(), config)
-
-
-def _provenance() -> dict[str, str]:
-    from elma_utils.config import PROJECT_ROOT
-
-    commit = subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    )
-    return {
-        "commit": commit.stdout.strip(),
-        "command": "python -m elma_utils.bench.device_bench " + " ".join(sys.argv[1:]),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,10 +310,17 @@ def gate_report(
 
     The F1 check judges the whole system's answers (``system_f1``: the edge's where it
     settles, the server's where it offloads) when both results have them, else the edge's
-    answers (``f1``). ``refusal``: why the candidate must not replace the current version
-    (the first failed check), or None when it may."""
+    answers (``f1``); results that disagree on it (one priced, one not) are refused with a
+    ValueError rather than compared on the edge's F1 without saying so. ``refusal``: why the
+    candidate must not replace the current version (the first failed check), or None when it may."""
     n = current["questions"]
     system = "system_f1" in current and "system_f1" in candidate
+    if system != ("system_f1" in current or "system_f1" in candidate):
+        priced = "current" if "system_f1" in current else "candidate"
+        raise ValueError(
+            f"the gate cannot compare: only the {priced} result has whole-system F1; evaluate both "
+            "bundles on the same eval sets (with or without the server's answers)"
+        )
     key = "system_f1" if system else "f1"
     cur, new = float(current[key]), float(candidate[key])
     f1_ok = new >= cur - tolerance - 1e-9
