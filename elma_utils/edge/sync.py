@@ -31,7 +31,6 @@ Keras nor TensorFlow (the edge runtime loads bundles with LiteRT).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from elma_utils.atomic_files import fsync_dir, write_json_atomic
+from elma_utils.file_lock import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +277,8 @@ def _set_link(root: Path, name: str, version: str) -> None:
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """One sync or rollback at a time per ``local_root`` (an flock, released if the process dies)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_NAME, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(root / LOCK_NAME):
+        yield
 
 
 # ---------------------------------------------------------------- fetching

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import inspect
 import json
 import logging
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from elma_utils.atomic_files import write_json_atomic
+from elma_utils.file_lock import exclusive_lock
 from elma_utils.server.status import ServerLayout, iso
 
 log = logging.getLogger(__name__)
@@ -257,19 +257,8 @@ class GrowthSupervisor:
     @contextlib.contextmanager
     def _lock(self, blocking: bool = True):
         """Yields the open lock file when this process holds ``growth/run.lock``, else None."""
-        fh = open(self.layout.growth_lock, "a+b")  # noqa: SIM115 - closed below
-        try:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield None
-                return
-            try:
-                yield fh
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        finally:
-            fh.close()
+        with exclusive_lock(self.layout.growth_lock, blocking) as fh:
+            yield fh
 
     def stored_rows(self) -> int:
         """The store's last offload row (0 while it is empty); read-only, beside the server's writes."""

@@ -38,7 +38,6 @@ serial one more than any published before, so they increase and never repeat.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -53,6 +52,7 @@ from typing import Any
 from elma_utils.atomic_files import fsync_dir, write_bytes_atomic
 from elma_utils.edge.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
 from elma_utils.export.bundle import MANIFEST, read_thresholds, sha256_file, verify_bundle
+from elma_utils.file_lock import exclusive_lock
 
 BUNDLES_DIR = "bundles"
 EXITS_DIR = "exits"
@@ -94,13 +94,8 @@ def latest_bundle(server_root: str | os.PathLike) -> Path | None:
 @contextlib.contextmanager
 def _publish_lock(server_root: Path) -> Iterator[None]:
     """One publisher at a time, so serials stay unique."""
-    server_root.mkdir(parents=True, exist_ok=True)
-    with open(server_root / LOCK_NAME, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(server_root / LOCK_NAME):
+        yield
 
 
 def _next_serial(bundles: Path) -> int:
