@@ -289,7 +289,10 @@ def test_only_asked_questions_reach_the_store(rounds):
     }
     assert stored and stored <= {e.question for e in d.asked}
     assert not stored & ({e.question for e in d.later} - {e.question for e in d.asked})
-    assert out["rounds"][1]["offloaded"] == len(d.asked_rounds[0])  # the zeroed edge offloads all
+    # the zeroed edge settles none: each question goes to the server, or (a server reply later than
+    # the client's timeout, on a loaded machine) is answered by the edge's fallback after trying
+    first = out["rounds"][1]
+    assert first["offloaded"] + first["fallbacks"] == len(d.asked_rounds[0]) and first["offloaded"] > 0
 
 
 # -- what is retrained, and the report -------------------------------------------------------------------
