@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +46,7 @@ from elma_utils.bench.adaptive_report import (
     plot_frontier,
 )
 from elma_utils.early_exit.policies import EntropyPolicy, NeverExit
+from elma_utils.report import provenance
 
 CONFIGS = ("full", "depth_only", "width_only", "both")
 VERSIONS = ("1.1", "2.0")
@@ -237,18 +238,6 @@ def bench_dev_set(edge, version: str, data_dir: Path | None, limit: int | None, 
     return result
 
 
-def _provenance(argv: list[str]) -> dict[str, str]:
-    from elma_utils.config import PROJECT_ROOT
-
-    commit = subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    )
-    return {
-        "commit": commit.stdout.strip(),
-        "command": "python -m elma_utils.bench.adaptive " + " ".join(argv),
-    }
-
-
 def run(
     bundle: Path,
     out: Path,
@@ -276,7 +265,10 @@ def run(
     figures_dir = Path(figures_dir or reports / "figures")
     edge = EdgeModel.load(bundle, num_threads=num_threads)
     result: dict[str, Any] = {
-        **_provenance(sys.argv[1:] if argv is None else argv),
+        **provenance.provenance(),
+        "command": shlex.join(
+            ["python", "-m", "elma_utils.bench.adaptive", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "bundle": str(bundle),
         "precision": edge.manifest.get("precision"),
         "model_version": edge.manifest.get("model_version"),

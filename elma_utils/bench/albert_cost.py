@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from elma_utils.atomic_files import write_json_atomic
+from elma_utils.report import provenance
 
 SEQ_LENS = (128, 384)
 COMMAND = "python -m elma_utils.bench.albert_cost"
@@ -210,7 +211,8 @@ def run(
     result["ratio_albert_to_minilm"] = {seq: {k: round(a[seq][k] / m[seq][k], 2) for k in keys} for seq in a}
     result["findings"] = findings(result)
     result["machine"] = machine_facts()
-    result["produced_by"] = _provenance(argv)
+    args = sys.argv[1:] if argv is None else argv
+    result[provenance.KEY] = {**provenance.provenance(), "command": shlex.join([*COMMAND.split(), *args])}
     write_json_atomic(out, result)
     return result
 
@@ -234,25 +236,6 @@ def findings(result: dict) -> list[str]:
             f"(ALBERT {sa['all_layers_ms'] / sm['all_layers_ms']:.1f}x)"
         )
     return lines
-
-
-def _provenance(argv: list[str] | None) -> dict[str, str]:
-    from elma_utils.config import PROJECT_ROOT
-
-    commit = subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--", "elma_utils"],
-        capture_output=True,
-        text=True,
-    )
-    args = sys.argv[1:] if argv is None else argv
-    return {
-        "commit": commit.stdout.strip(),
-        "elma_utils_modified": bool(dirty.stdout.strip()),
-        "command": " ".join([COMMAND, *args]),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import random
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -33,14 +32,9 @@ GROUP_LABELS = {"deployment": "deployment articles (later questions)", "other": 
 
 def provenance(command: str) -> dict[str, Any]:
     """The commit the numbers come from (``dirty``: uncommitted changes) and the command."""
-    from elma_utils.config import PROJECT_ROOT
+    from elma_utils.report import provenance as where
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True)
-        return done.stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno")),
-            "command": command}  # fmt: skip
+    return {**where.provenance(), "command": command}
 
 
 def growth_metrics(result: dict[str, Any], command: str) -> dict[str, Any]:
