@@ -36,7 +36,7 @@ run = config.artifacts_dir() / f"{model_dir.name}-growth"
 
 # %% [markdown]
 # ## Rounds on a deployment domain: does the loop pay?
-# Questions from the distribution the model trained on could hardly teach it anything, so the device is used on texts of its own: dev-v1.1 articles no model trained on, split by article. Each deployment article's questions arrive over time; the first part is asked on the device (the real client, SSH endpoint and server on loopback), round by round, and the later part is never asked: it measures each round. Every round: ask → the server stores what the device offloads → retrain the edge from every stored question (the server's answers as labels) plus replay of the original training data → E_T chosen again on other articles → the gate judges the whole system's answers (the edge's where it settles, the server's where it offloads) on the store's held-out contexts and other-article questions → publish → the device syncs over SFTP. Other articles measure forgetting. Which part of the edge to retrain (`exits`: the exit heads; `exits+layers`: the edge's copy of the layers too, the server's full model unchanged) is measured, not assumed.
+# Questions from the distribution the model trained on could hardly teach it anything, so the device is used on texts of its own: dev-v1.1 articles no model trained on, split by article. Each deployment article's questions arrive over time; the first part is asked on the device (the real client, SSH endpoint and server on loopback), round by round, and the later part is never asked: it measures each round. Every round: ask → the server stores what the device offloads → retrain the edge from every stored question (the server's answers as labels) plus replay of the original training data → E_T chosen again on other articles → the gate judges the whole system's answers (the edge's where it settles, the server's where it offloads) on the store's held-out contexts and other-article questions → publish → the device syncs over SFTP. When the retrained edge is refused, the server tries the other thing the store can teach: *when offloading pays*. Every stored offload holds the device's last-layer answer beside the server's; where they agree, the round trip bought nothing. The server prices keeping each stored offload on the device (how much the two answers differ × what a difference was worth on labelled calibration questions), learns the largest offload threshold `E_offload` within a budget of 0.15 F1, and publishes the same weights with it when the gate (whole-system F1 on guard questions) agrees. On this profile the server runs the same six-layer model the edge runs in int8, so that is where the loop can pay. Other articles measure forgetting. Which part of the edge to retrain (`exits`: the exit heads; `exits+layers`: the edge's copy of the layers too, the server's full model unchanged) is measured, not assumed.
 
 # %%
 domain = split_domain(
@@ -55,7 +55,7 @@ rounds_result = run_growth_rounds(
     model_dir, bundle, exits_dir, run / "rounds", domain, replay, rounds_settings, list(P.growth_targets)
 )
 {
-    target: {k: s[k] for k in ("decisions", "picked_up_by_device", "targets")}
+    target: {k: s[k] for k in ("decisions", "offload_thresholds", "picked_up_by_device", "targets")}
     for target, s in rounds_result["summary"].items()
 }
 

@@ -213,10 +213,29 @@ def refused(rounds, train_v11):
     work = rounds["work"].parent
     domain = dataclasses.replace(d, asked_rounds=[d.asked_rounds[0]])
     replay = [e for e in train_v11.examples[:40] if not e.is_impossible][:8]
-    settings = RoundsSettings(epochs=2.0, learning_rate=1e-2, batch_size=8)
+    settings = RoundsSettings(epochs=2.0, learning_rate=1e-2, batch_size=8, learn_offload=False)
     return run_growth_rounds(
         work / "full", work / "bundle0", work / "exits0", work / "refused", domain, replay, settings
     )
+
+
+@pytest.fixture(scope="module")
+def offload_learned(rounds, train_v11):
+    """One round where the retrained edge is always refused (it must win by 100 points) and the
+    server learns an offload threshold instead, with a budget that lets it keep every stored
+    offload: the chain learn → gate → publish → sync → the device answers more by itself."""
+    d = rounds["domain"]
+    work = rounds["work"].parent
+    domain = dataclasses.replace(d, asked_rounds=[d.asked_rounds[0]])
+    replay = [e for e in train_v11.examples[:40] if not e.is_impossible][:8]
+    settings = RoundsSettings(
+        epochs=1.0, learning_rate=1e-2, batch_size=8, tolerance=-100.0, offload_budget=1e4,
+        max_system_f1_loss=100.0,
+    )  # fmt: skip
+    out = run_growth_rounds(
+        work / "full", work / "bundle0", work / "exits0", work / "offload", domain, replay, settings
+    )
+    return {**out, "device_root": work / "offload" / "exits" / "device"}
 
 
 def test_default_gate_refuses_a_candidate_that_loses_whole_system_f1_and_the_device_keeps_its_version(
@@ -293,6 +312,35 @@ def test_only_asked_questions_reach_the_store(rounds):
     # the client's timeout, on a loaded machine) is answered by the edge's fallback after trying
     first = out["rounds"][1]
     assert first["offloaded"] + first["fallbacks"] == len(d.asked_rounds[0]) and first["offloaded"] > 0
+
+
+def test_a_learned_offload_threshold_is_published_and_the_device_answers_more_itself(offload_learned):
+    start, r = offload_learned["rounds"]
+    assert not r["grow"]["published"] and "below" in r["grow"]["reason"]
+    o = r["offload"]
+    assert o["published"] and o["decision"] == "publish", o["reason"]
+    learned = o["learned"]
+    # zeroed exit heads: every stored offload has the same last-layer entropy (the uniform one)
+    assert learned["E_offload"] >= learned["E_T"] == 0.97
+    assert learned["stored_offloads"] == r["offloaded"] > 0 and learned["kept_on_device"] == r["offloaded"]
+    assert learned["questions_asked"] == r["asked"]
+    assert {"ratio", "upper", "disagreements"} <= set(o["gain"])
+    assert [c["check"] for c in o["gate"]["checks"]] == ["system_f1", "share_solved"]
+    assert o["candidate"]["share_solved"] > o["current"]["share_solved"] == 0.0  # guard questions
+    # the device picked the new version up over SFTP and now keeps what it used to offload
+    assert r["sync"]["picked_up"] and r["device_version"] == o["version"] == r["sync"]["version"]
+    assert r["deployment"]["share_on_device"] > start["deployment"]["share_on_device"] == 0.0
+    assert r["deployment"]["share_on_device"] == o["candidate_probe"]["deployment"]["share_on_device"]
+    assert r["deployment"]["avg_layers"] == start["deployment"]["avg_layers"]  # same weights, same depth
+    summary = offload_learned["summary"]["exits"]
+    assert summary["offload_thresholds_published"] == summary["published"] == 1
+    assert summary["retrained_published"] == 0 and summary["picked_up_by_device"] == 1
+    assert summary["offload_thresholds"] == [learned["E_offload"]]
+    from elma_utils.edge.sync import current_bundle
+    from elma_utils.export.bundle import read_thresholds
+
+    device_bundle = current_bundle(offload_learned["device_root"])
+    assert read_thresholds(device_bundle)["E_offload"] == learned["E_offload"]
 
 
 # -- what is retrained, and the report -------------------------------------------------------------------

@@ -63,6 +63,13 @@ def plot_rounds(rounds: Sequence[dict[str, Any]]):
             ax_f1.plot(x, [r[group]["system_f1"] for r in mine], label=f"whole system: {label}", **kw)
             ax_f1.plot(x, [r[group]["device_f1"] for r in mine], linestyle="--", alpha=0.6,
                        label=f"device alone: {label}", **kw)  # fmt: skip
+        for r in mine:  # what the device picked up, at the round it did
+            if r["round"] and r["sync"].get("picked_up"):
+                offload = r.get("offload") or {}
+                what = (f"E_offload {offload['learned']['E_offload']:.2f}" if offload.get("published")
+                        else "retrained edge")  # fmt: skip
+                ax_share.annotate(f"published: {what}", (r["round"], r["deployment"]["share_on_device"]),
+                                  textcoords="offset points", xytext=(4, -12), fontsize=7)  # fmt: skip
     rounds_x = sorted({r["round"] for r in rounds})
     finish_axes(ax_share, "Questions settled on the device", "growth round (0: before growth)",
                 "settled on the device (% of questions)")  # fmt: skip

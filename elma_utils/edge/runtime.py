@@ -7,7 +7,9 @@ to ``seq_len``): embeddings, then layer 1 and its exit, then layer 2 … After e
 question's windows are judged together with the same ``LayerOutput.from_logits`` and
 exit policy as the Keras ``EarlyExitRunner``; at the first decision nothing further is run.
 A question that no layer settles comes back ``solved=False`` with the last layer's answer
-(to offload).
+(to offload), unless the bundle's thresholds carry ``E_offload`` (learned by the server,
+``server.offload_threshold``) and the last layer's entropy is ≤ it: offloading that question
+would not pay, so it is answered here (``solved=True``).
 
 Adaptive width: a bundle whose manifest has ``skim`` (``{file, layer, block, tau,
 margin_blocks}``, the file a ``SkimHead`` .npz checked like every other file) skims each
@@ -155,6 +157,8 @@ class EdgeModel:
         self.policy = policy_from_thresholds(thresholds)
         self.rule = thresholds.get("rule", "max")
         self.null_threshold = thresholds.get("null_threshold")
+        # no exit settled it, but offloading would not pay (server.offload_threshold): keep it
+        self.offload_threshold = thresholds.get("E_offload")
         self.skim = skim_from_manifest(self.bundle_dir, manifest)
         if self.skim is not None and not 1 <= self.skim.layer < len(self.steps):  # refuse at load
             raise ValueError(
@@ -302,7 +306,7 @@ class EdgeModel:
                     char_start=int(c0),
                     char_end=int(c1),
                     exit_layer=result.layer,
-                    solved=decision is not None,
+                    solved=decision is not None or self._keep_on_device(result),
                     entropy=float(result.entropy),
                     null_diff=float(result.null_diff or 0.0),
                     entropies=[float(h.entropy) for h in history],
@@ -327,6 +331,10 @@ class EdgeModel:
                     segs[w] = np.where(real, segs[w][:, idx], 0).astype(np.int32)
                 layer_ms[-1] += (time.perf_counter() - t0) * 1e3
         raise AssertionError("unreachable: the last layer always answers")
+
+    def _keep_on_device(self, last: LayerOutput) -> bool:
+        """After the last layer: is the question below the learned offload threshold?"""
+        return self.offload_threshold is not None and last.entropy <= self.offload_threshold
 
     def reset_counts(self) -> None:
         for p in self.parts.values():

@@ -55,7 +55,9 @@ def check_thresholds(thresholds: dict[str, Any]) -> dict[str, Any]:
     Keys: ``policy`` (one of ``POLICY_NAMES``; default "entropy" when ``E_T`` is given, else
     "never"), ``E_T`` (entropy threshold), ``rule`` (span entropy rule, default "max"),
     ``null_threshold`` / ``no_answer_margin`` (SQuAD 2.0), ``patience``, ``predictor``
-    (optional entropy-predictor table, any JSON). Other keys are kept as notes.
+    (optional entropy-predictor table, any JSON), ``E_offload`` (optional, ≥ E_T: a question
+    no exit settled is still answered on the device when its last-layer entropy is ≤ it; the
+    server learns it, ``server.offload_threshold``). Other keys are kept as notes.
     """
     if not isinstance(thresholds, dict):
         raise BundleError(f"{THRESHOLDS}: expected a JSON object, got {type(thresholds).__name__}")
@@ -70,6 +72,15 @@ def check_thresholds(thresholds: dict[str, Any]) -> dict[str, Any]:
             raise BundleError(f"{THRESHOLDS}: policy {th['policy']!r} needs a finite number E_T, got {e_t!r}")
     if "patience" in th["policy"] and not (isinstance(th.get("patience"), int) and th["patience"] >= 1):
         raise BundleError(f"{THRESHOLDS}: policy {th['policy']!r} needs an integer patience ≥ 1")
+    e_off = th.get("E_offload")
+    if e_off is not None:
+        if isinstance(e_off, bool) or not isinstance(e_off, int | float) or not math.isfinite(e_off):
+            raise BundleError(f"{THRESHOLDS}: E_offload must be a finite number, got {e_off!r}")
+        if th.get("E_T") is None or e_off < th["E_T"]:
+            raise BundleError(
+                f"{THRESHOLDS}: E_offload ({e_off!r}) needs an entropy policy with E_T ≤ E_offload "
+                f"(E_T is {th.get('E_T')!r}); remove E_offload or raise it"
+            )
     try:
         policy_from_thresholds(th)
     except (TypeError, ValueError) as err:

@@ -15,6 +15,11 @@ bundle, and one ``LoopbackDeployment`` runs the whole experiment: the real edge 
    on the calibration questions, and the gate (whole-system F1 and share settled, on the
    store's held-out contexts and the guard questions) publishes the candidate or keeps the
    current version; decision and reasons go in the record;
+   **offload threshold** (``learn_offload``, when the retrained edge was not published): the
+   server prices the stored offloads (how often its answer differed from the device's, and
+   what a difference was worth on the labelled calibration questions) and publishes the
+   current weights with a learned ``E_offload`` when the gate (whole-system F1 on the guard
+   questions, within ``max_system_f1_loss``) agrees (``server.offload_threshold``);
 3. **sync**: the device fetches what is published over SFTP (``sync.sync_with_client``) and
    swaps the new model in between questions, as ``elma device`` does;
 4. **measure** (``round_measure``): the device's model on the later, never asked questions of
@@ -22,8 +27,8 @@ bundle, and one ``LoopbackDeployment`` runs the whole experiment: the real edge 
    or not (``candidate``), so a refused candidate still shows what it would have done.
 
 Record keys (every round, ``ROUND_KEYS``): target, round, device_version, asked, offloaded,
-fallbacks, stored_questions, grow (None in round 0), sync, deployment, other, change (from
-round 0), seconds.
+fallbacks, stored_questions, grow (None in round 0), offload (None in round 0 or when not
+tried), sync, deployment, other, change (from round 0), seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 
 from elma_utils.server import publish
 from elma_utils.server.deployment_domain import DeploymentDomain
+from elma_utils.server.offload_threshold import OffloadResult, grow_offload_threshold
 from elma_utils.server.round_measure import change, measure, measure_sets, targets_met
 
 # what the growth loop retrains: name -> retrain_edge keyword arguments
@@ -48,7 +54,7 @@ RETRAIN_TARGETS: dict[str, dict[str, Any]] = {
 }
 ROUND_KEYS = (
     "target", "round", "device_version", "asked", "offloaded", "fallbacks", "stored_questions", "grow",
-    "sync", "deployment", "other", "change", "seconds",
+    "offload", "sync", "deployment", "other", "change", "seconds",
 )  # fmt: skip
 
 
@@ -77,6 +83,8 @@ class RoundsSettings:
     min_share_gain: float = 5.0  # target: points more settled on the deployment articles
     max_system_f1_loss: float = 0.3  # target: whole-system F1 no lower, within this
     ask_entropy_threshold: float | None = None  # the asking device's E_T instead of the bundle's
+    learn_offload: bool = True  # learn and publish E_offload when the retrained edge is refused
+    offload_budget: float = 0.15  # F1 points E_offload may cost, estimated from the store
     seed: int = 0
 
     def retrain_options(self) -> dict[str, Any]:
@@ -88,6 +96,19 @@ class RoundsSettings:
         if self.learning_rate is not None:
             options["learning_rate"] = self.learning_rate
         return options
+
+
+def _eval_set(path: Path, name: str) -> publish.EvalSet:
+    from elma_utils.squad.data import load_squad_file
+
+    ds = load_squad_file(path)
+    return publish.EvalSet(name, ds.examples, ds.raw, ds.version)
+
+
+def _offload_record(r: OffloadResult) -> dict[str, Any]:
+    out = r.to_dict()
+    out["decision"] = "publish" if r.published else "refuse"
+    return out
 
 
 def _write_squad(path: Path, examples: Sequence) -> Path:
@@ -122,6 +143,7 @@ class RoundDevice:
                 from elma_utils.early_exit.policies import EntropyPolicy
 
                 model.policy = EntropyPolicy(self.ask_entropy_threshold)
+                model.offload_threshold = None  # the asking device offloads all it does not settle
             self.dep.edge.edge = model
             self.dep.edge.model_version = str(model.manifest["model_version"])
         return {
@@ -209,13 +231,22 @@ def run_target(
     ) as dep:  # fmt: skip
         device = RoundDevice(dep, work / "device", settings.ask_entropy_threshold)
         store_path = dep.server.store.db.path
+        same_weights: list[str] = []  # versions with the current weights (comparable entropies)
+        asked_since = 0  # questions those versions were asked
         for index in range(len(domain.asked_rounds) + 1):
             t0 = time.perf_counter()
-            record: dict[str, Any] = {"target": settings.target, "round": index, "grow": None}
+            record: dict[str, Any] = {
+                "target": settings.target,
+                "round": index,
+                "grow": None,
+                "offload": None,
+            }
             if index == 0:
                 record.update(asked=0, offloaded=0, fallbacks=0, sync=device.sync())
+                same_weights = [device.version]
             else:
                 record.update(device.ask(domain.asked_rounds[index - 1]))
+                asked_since += record["asked"]
                 result = publish.retrain_edge(
                     store_path, server_root, full_model_dir=full_model_dir, original_train=original,
                     dev_eval=guard, calibration=calibration, max_f1_loss=settings.max_f1_loss,
@@ -225,6 +256,19 @@ def run_target(
                     on_candidate=lambda bundle: measure(bundle, sets), **options,
                 )  # fmt: skip
                 record["grow"] = _grow_record(result)
+                if result.published:
+                    same_weights, asked_since = [result.version], 0
+                elif settings.learn_offload:
+                    offload = grow_offload_threshold(
+                        store_path, server_root, full_model_dir=full_model_dir,
+                        calibration=_eval_set(calibration, "calibration"), guard=_eval_set(guard, "guard"),
+                        questions_asked=asked_since, model_versions=same_weights,
+                        budget=settings.offload_budget, tolerance=settings.max_system_f1_loss,
+                        on_candidate=lambda bundle: measure(bundle, sets),
+                    )  # fmt: skip
+                    record["offload"] = _offload_record(offload)
+                    if offload.published:
+                        same_weights.append(offload.version)
                 record["sync"] = device.sync()
             record["stored_questions"] = dep.server.store.stats().questions
             record["device_version"] = device.version
@@ -241,6 +285,8 @@ def run_target(
 def _round_line(r: dict[str, Any]) -> str:
     d, o, g = r["deployment"], r["other"], r["grow"]
     what = "start" if g is None else ("published" if g["published"] else "kept") + f" ({g['reason'][:90]})"
+    if r.get("offload"):
+        what += f"; offload threshold: {r['offload']['reason'][:120]}"
     return (
         f"[{r['target']}] round {r['round']}: asked {r['asked']}, offloaded {r['offloaded']}, stored "
         f"{r['stored_questions']}; {what}; device {r['device_version']}; deployment: "
@@ -292,9 +338,14 @@ def summarise(rounds: Sequence[dict[str, Any]], settings: RoundsSettings) -> dic
     """One target's rounds in a few numbers: publications, pick-ups, the targets of the issue,
     and what the stored questions taught against what replay cost (train sizes per round)."""
     grown = [r["grow"] for r in rounds if r["grow"] is not None]
+    offload_published = sum(bool(r.get("offload") and r["offload"]["published"]) for r in rounds)
     return {
         "rounds": len(grown),
-        "published": sum(g["published"] for g in grown),
+        # every publication the device could pick up: a retrained edge or a learned offload threshold
+        "published": sum(g["published"] for g in grown) + offload_published,
+        "retrained_published": sum(g["published"] for g in grown),
+        "offload_thresholds_published": offload_published,
+        "offload_thresholds": [(r["offload"] or {}).get("learned", {}).get("E_offload") for r in rounds[1:]],
         "picked_up_by_device": sum(bool(r["sync"]["picked_up"]) for r in rounds[1:]),
         "versions": [r["device_version"] for r in rounds],
         "stored_questions": rounds[-1]["stored_questions"],
@@ -313,19 +364,25 @@ def summarise(rounds: Sequence[dict[str, Any]], settings: RoundsSettings) -> dic
 
 
 def _best_candidate(rounds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The candidate (published or not) that settled most of the deployment questions, with its
-    change from round 0: what the loop could reach if the gate let everything through."""
+    """The candidate (retrained edge or offload threshold, published or not) that settled most of
+    the deployment questions, with its change from round 0: what the loop could reach if the gate
+    let everything through."""
     first = rounds[0]
     probes = [
-        (r["round"], r["grow"]["candidate"])
+        (r["round"], kind, r[key][probe])
         for r in rounds
-        if r["grow"] is not None and isinstance(r["grow"].get("candidate"), dict)
+        for kind, key, probe in (
+            ("retrained", "grow", "candidate"),
+            ("offload threshold", "offload", "candidate_probe"),
+        )
+        if r.get(key) is not None and isinstance(r[key].get(probe), dict)
     ]
     if not probes:
         return None
-    index, best = max(probes, key=lambda p: p[1]["deployment"]["share_on_device"])
+    index, kind, best = max(probes, key=lambda p: p[2]["deployment"]["share_on_device"])
     return {
         "round": index,
+        "kind": kind,
         "deployment_change": change(best["deployment"], first["deployment"]),
         "other_change": change(best["other"], first["other"]),
     }

@@ -114,7 +114,7 @@ def _copy_tree_atomic(src: Path, dst: Path) -> None:
     os.rename(tmp, dst)
 
 
-def _copy_listed(src: Path, dst: Path) -> None:
+def copy_bundle(src: Path, dst: Path) -> None:
     """Copy the manifest and the files it lists, nothing else (the edge refuses unlisted files)."""
     manifest = verify_bundle(src)
     for rel in [*manifest["files"], MANIFEST]:
@@ -174,7 +174,7 @@ def publish_bundle(
     with _publish_lock(server_root):
         staging = bundles / f".staging-{os.getpid()}-{os.urandom(4).hex()}"
         try:
-            _copy_listed(bundle_dir, staging)
+            copy_bundle(bundle_dir, staging)
             return _promote(staging, server_root, Path(exits_dir) if exits_dir else None, notes)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -549,7 +549,7 @@ def _train_candidate(
     return bundle, exits_out, stats, recalibration
 
 
-def _publish_candidate(server_root: Path, based_on: str, candidate: Path, exits: Path, notes: dict) -> str:
+def publish_candidate(server_root: Path, based_on: str, candidate: Path, exits: Path, notes: dict) -> str:
     """Promote the candidate unless another version was published since it was compared."""
     with _publish_lock(server_root):
         now = read_latest(server_root)
@@ -677,7 +677,7 @@ def retrain_edge(
                  "mode": mode}  # fmt: skip
         if key == "system_f1":
             notes["system_f1"] = round(new, 3)
-        result.version = _publish_candidate(server_root, pointer.version, candidate, candidate_exits, notes)
+        result.version = publish_candidate(server_root, pointer.version, candidate, candidate_exits, notes)
         result.published = True
         what = "whole-system F1" if key == "system_f1" else "F1"
         result.reason = (

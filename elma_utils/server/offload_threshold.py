@@ -1,0 +1,306 @@
+"""When does offloading pay? The server learns the device's offload threshold E_offload.
+
+A question that no exit settles (last-layer entropy above E_T) goes to the server. That costs
+a round trip and buys something only where the server's answer is *better* than the device's
+own last-layer answer. When the server's model is no stronger than the edge's on the device's
+texts (on the ``cpu`` profile it is the same six-layer MiniLM the edge runs in int8), most of
+those offloads change nothing. The store shows how often: every stored offload holds the
+device's last-layer answer and entropy beside the server's answer.
+
+The price of keeping a question on the device is (how much the two answers differ) × (what a
+difference is worth). The first part comes from the store, on the device's own texts, without
+any label: ``d = 1 − F1(edge answer, server answer)``. The second comes from labelled held-back
+questions (the calibration questions that also choose E_T): over those, the F1 the server's
+answer gains over the edge's, per unit of disagreement (``gain_per_disagreement``; an upper
+bootstrap percentile, so the estimate errs towards offloading). Keeping the stored offloads
+with entropy ≤ e then costs about ``Σ g·d / questions asked`` F1 points; ``learn_offload_threshold``
+picks the largest *observed* entropy whose cost stays within ``budget`` (questions above the
+highest observed one are still offloaded: the server keeps learning from them).
+
+``offload_candidate`` writes the current bundle again with that ``E_offload`` in its
+thresholds.json (``EdgeModel`` then answers on the device every question whose last-layer
+entropy is ≤ E_offload), and ``grow_offload_threshold`` puts it through the same gate as a
+retrained edge (whole-system F1 on labelled guard questions) and publishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from elma_utils.export.bundle import MANIFEST, THRESHOLDS, read_thresholds, sha256_file, verify_bundle
+from elma_utils.server import publish
+
+OFFLOAD_KEY = "E_offload"
+COST_KEY = "E_offload_cost"  # F1 points the current E_offload was estimated to cost
+
+
+@dataclass
+class StoredOffload:
+    """What one stored offload says about keeping that question on the device."""
+
+    entropy: float  # the device's last-layer entropy
+    disagreement: float  # 1 − F1(edge answer, server answer), 0..1
+
+
+def stored_offloads(
+    store_path: str | Path, model_versions: Sequence[str] | None = None
+) -> list[StoredOffload]:
+    """Every stored offload (first request of each, not retries) made by one of
+    ``model_versions`` (None: any): entropies are comparable only between versions with the
+    same weights."""
+    from elma_utils.server.store import HardQuestionStore
+    from elma_utils.squad.metrics import f1_score
+
+    with HardQuestionStore(store_path) as store, store.db.read() as conn:
+        rows = conn.execute(
+            "SELECT edge_entropies, edge_text, server_text, no_answer, edge_model_version FROM offloads"
+        ).fetchall()
+    wanted = None if model_versions is None else set(model_versions)
+    out = []
+    for entropies, edge_text, server_text, no_answer, version in rows:
+        if wanted is not None and version not in wanted:
+            continue
+        server = "" if no_answer else server_text
+        same = edge_text == server or f1_score(edge_text, server) == 1.0
+        out.append(
+            StoredOffload(
+                float(json.loads(entropies)[-1]), 0.0 if same else 1.0 - f1_score(edge_text, server)
+            )
+        )
+    return out
+
+
+def gain_per_disagreement(
+    edge_f1: Sequence[float], server_f1: Sequence[float], disagreement: Sequence[float], *,
+    percentile: float = 90.0, resamples: int = 400, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """F1 (0..1) the server's answer gains over the edge's per unit of disagreement, on
+    labelled questions: the ratio Σ gain / Σ disagreement, and its ``percentile`` over
+    bootstrap resamples (``upper``, what ``learn_offload_threshold`` uses). With no
+    disagreement at all there is nothing to learn from: ``upper`` is 1 (assume the server is
+    right whenever it differs)."""
+    e, s, d = (np.asarray(v, dtype=np.float64) for v in (edge_f1, server_f1, disagreement))
+    if not (len(e) == len(s) == len(d)):
+        raise ValueError("edge_f1, server_f1 and disagreement need one value per question")
+    gain = s - e
+    differ = int(np.count_nonzero(d > 0))
+    if differ == 0:
+        return {"questions": len(d), "disagreements": 0, "ratio": None, "upper": 1.0}
+    ratio = float(gain.sum() / d.sum())
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(d), len(d))
+        total = d[idx].sum()
+        samples.append(gain[idx].sum() / total if total > 0 else 1.0)
+    upper = float(np.clip(np.percentile(samples, percentile), 0.0, 1.0))
+    return {
+        "questions": len(d),
+        "disagreements": differ,
+        "mean_disagreement": float(d.mean()),
+        "ratio": ratio,
+        "upper": upper,
+        "percentile": percentile,
+    }
+
+
+def learn_offload_threshold(
+    offloads: Sequence[StoredOffload], questions_asked: int, gain: float, *,
+    e_t: float, current: float | None = None, spent: float = 0.0, budget: float = 0.15,
+) -> dict[str, Any]:  # fmt: skip
+    """The largest observed last-layer entropy E_offload (≥ ``current``, else ≥ ``e_t``) such that
+    keeping on the device the stored offloads up to it costs at most ``budget`` F1 points over
+    the ``questions_asked`` questions those offloads came from, ``spent`` (the cost of the
+    current E_offload) included. ``gain``: F1 gained per unit of disagreement
+    (``gain_per_disagreement``'s ``upper``). ``E_offload`` is None when no stored offload fits."""
+    if questions_asked <= 0:
+        raise ValueError(f"questions_asked must be > 0, got {questions_asked}")
+    if not 0.0 <= gain <= 1.0:
+        raise ValueError(f"gain per disagreement must lie in 0..1, got {gain}")
+    floor = e_t if current is None else max(e_t, current)
+    above = sorted((o for o in offloads if o.entropy > floor), key=lambda o: o.entropy)
+    cost, chosen, kept, steps = spent, None, 0, []
+    for i, o in enumerate(above):
+        cost += 100.0 * gain * o.disagreement / questions_asked
+        last_of_tie = i + 1 == len(above) or above[i + 1].entropy > o.entropy
+        if not last_of_tie:
+            continue
+        if cost > budget + 1e-12:
+            break
+        chosen, kept = o.entropy, i + 1
+        steps.append((round(o.entropy, 5), round(cost, 4)))
+    return {
+        OFFLOAD_KEY: chosen,
+        COST_KEY: round(
+            spent + sum(100.0 * gain * o.disagreement / questions_asked for o in above[:kept]), 6
+        ),
+        "previous": current,
+        "E_T": e_t,
+        "stored_offloads": len(offloads),
+        "above_current": len(above),
+        "kept_on_device": kept,
+        "disagreeing_kept": sum(o.disagreement > 0 for o in above[:kept]),
+        "questions_asked": questions_asked,
+        "gain_per_disagreement": gain,
+        "budget": budget,
+        "cost_steps": steps,
+    }
+
+
+def offload_candidate(current_bundle: str | Path, out_dir: str | Path, learned: dict[str, Any]) -> Path:
+    """A copy of ``current_bundle`` whose thresholds.json carries the learned E_offload (and
+    its estimated cost); the manifest lists the new file's sha256 and size."""
+    src, dst = Path(current_bundle), Path(out_dir)
+    shutil.rmtree(dst, ignore_errors=True)
+    publish.copy_bundle(src, dst)
+    manifest = verify_bundle(dst)
+    thresholds = read_thresholds(src)
+    thresholds[OFFLOAD_KEY] = learned[OFFLOAD_KEY]
+    thresholds[COST_KEY] = learned[COST_KEY]
+    (dst / THRESHOLDS).write_text(json.dumps(thresholds, indent=2))
+    manifest["files"][THRESHOLDS] = {
+        "sha256": sha256_file(dst / THRESHOLDS),
+        "bytes": (dst / THRESHOLDS).stat().st_size,
+    }
+    manifest["model_version"] = f"candidate-offload-{dst.name}"
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    verify_bundle(dst)
+    read_thresholds(dst)
+    return dst
+
+
+def calibration_gain(
+    bundle: str | Path, calibration: publish.EvalSet, full_model_dir: str | Path, cache_dir: str | Path
+) -> dict[str, Any]:
+    """``gain_per_disagreement`` on labelled questions: the bundle's last-layer answers (no
+    early exit) against the server's, both scored against the gold answers."""
+    from elma_utils.early_exit.policies import NeverExit
+    from elma_utils.edge.runtime import EdgeModel
+    from elma_utils.squad.metrics import f1_score, per_question_scores
+
+    model = EdgeModel.load(bundle)
+    answers = model.answer_features(
+        calibration.examples, model.features_for(calibration.examples), NeverExit()
+    )
+    edge = {e.qas_id: a.text for e, a in zip(calibration.examples, answers, strict=True)}
+    server = publish.server_answers_for(full_model_dir, calibration.examples, cache_dir)
+    edge_scores = per_question_scores(calibration.raw, edge, calibration.version)
+    server_scores = per_question_scores(calibration.raw, server, calibration.version)
+    ids = [e.qas_id for e in calibration.examples]
+    return gain_per_disagreement(
+        [edge_scores[i][1] for i in ids],
+        [server_scores[i][1] for i in ids],
+        [0.0 if edge[i] == server[i] else 1.0 - f1_score(edge[i], server[i]) for i in ids],
+    )
+
+
+@dataclass
+class OffloadResult:
+    """What ``grow_offload_threshold`` did; ``reason`` says why it published or kept the current version."""
+
+    published: bool
+    reason: str
+    current_version: str
+    version: str | None = None
+    learned: dict = field(default_factory=dict)  # learn_offload_threshold's record
+    gain: dict = field(default_factory=dict)  # calibration_gain's record
+    current: dict = field(default_factory=dict)  # evaluate_bundle on the guard questions
+    candidate: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
+    candidate_probe: Any = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def grow_offload_threshold(
+    store_path: str | Path, server_root: str | Path, *, full_model_dir: str | Path,
+    calibration: publish.EvalSet, guard: publish.EvalSet, questions_asked: int,
+    model_versions: Sequence[str] | None = None, budget: float = 0.15, tolerance: float = 0.3,
+    max_share_drop: float = 0.0, on_candidate: Callable[[Path], Any] | None = None,
+) -> OffloadResult:  # fmt: skip
+    """Learn E_offload from the store and publish it when the gate agrees (module note).
+
+    ``questions_asked``: how many questions the device asked while making the stored offloads
+    of ``model_versions`` (the versions with the current weights). The gate judges whole-system
+    F1 on ``guard`` (labelled, never used to learn) with ``tolerance`` F1 points, and the
+    candidate must settle no fewer guard questions (``max_share_drop``)."""
+    t0 = time.perf_counter()
+    server_root = Path(server_root)
+    pointer = publish.read_latest(server_root)
+    if pointer is None:
+        raise publish.PublishError(f"{publish.bundles_dir(server_root)} has nothing published yet")
+    current = publish.bundles_dir(server_root) / pointer.version
+    thresholds = read_thresholds(current)
+    result = OffloadResult(False, "", pointer.version)
+    if thresholds.get("E_T") is None:
+        result.reason = f"kept {pointer.version}: its policy has no E_T, so nothing is offloaded by entropy"
+        return _done(result, t0)
+    offloads = stored_offloads(store_path, model_versions)
+    if not offloads:
+        result.reason = f"kept {pointer.version}: no stored offloads from the current weights"
+        return _done(result, t0)
+    cache = server_root / publish.SERVER_ANSWERS_DIR
+    result.gain = calibration_gain(current, calibration, full_model_dir, cache)
+    result.learned = learn_offload_threshold(
+        offloads, questions_asked, result.gain["upper"], e_t=float(thresholds["E_T"]),
+        current=thresholds.get(OFFLOAD_KEY), spent=float(thresholds.get(COST_KEY) or 0.0), budget=budget,
+    )  # fmt: skip
+    if not result.learned["above_current"]:
+        result.reason = (
+            f"kept {pointer.version}: no stored offload lies above the current offload threshold "
+            f"{result.learned['previous'] if result.learned['previous'] is not None else 'E_T'}"
+        )
+        return _done(result, t0)
+    if result.learned[OFFLOAD_KEY] is None:
+        result.reason = (
+            f"kept {pointer.version}: keeping even the least uncertain stored offload on the device "
+            f"would cost more than {budget:g} F1 points"
+        )
+        return _done(result, t0)
+    run_dir = server_root / publish.RUNS_DIR / f"offload-{int(time.time() * 1000):x}"
+    candidate = offload_candidate(current, run_dir / "candidate", result.learned)
+    try:
+        if guard.server_answers is None:
+            guard.server_answers = publish.server_answers_for(full_model_dir, guard.examples, cache)
+        result.current = publish.evaluate_bundle(current, [guard])
+        result.candidate = publish.evaluate_bundle(candidate, [guard])
+        if on_candidate is not None:
+            result.candidate_probe = on_candidate(candidate)
+        result.gate = publish.gate_report(
+            result.current, result.candidate, tolerance=tolerance, max_share_drop=max_share_drop
+        )
+        if result.gate["refusal"]:
+            result.reason = f"kept {pointer.version}: {result.gate['refusal']}"
+            return _done(result, t0)
+        exits = server_root / publish.EXITS_DIR / pointer.version
+        notes = {"previous": pointer.version, "E_offload": result.learned[OFFLOAD_KEY],
+                 "system_f1": round(result.candidate["system_f1"], 3)}  # fmt: skip
+        result.version = publish.publish_candidate(
+            server_root, pointer.version, candidate, exits if exits.is_dir() else None, notes
+        )
+        result.published = True
+        result.reason = (
+            f"published {result.version}: E_offload {result.learned[OFFLOAD_KEY]:.4f} keeps "
+            f"{result.learned['kept_on_device']} of {len(offloads)} stored offloads on the device "
+            f"(estimated cost {result.learned[COST_KEY]:.3f} F1); guard whole-system F1 "
+            f"{result.candidate['system_f1']:.2f} vs {result.current['system_f1']:.2f}, settles "
+            f"{result.candidate['share_solved']:.1f} % vs {result.current['share_solved']:.1f} %"
+        )
+        return _done(result, t0)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _done(result: OffloadResult, t0: float) -> OffloadResult:
+    result.seconds = time.perf_counter() - t0
+    return result
