@@ -226,16 +226,15 @@ def offload_learned(rounds, train_v11):
     offload: the chain learn → gate → publish → sync → the device answers more by itself."""
     d = rounds["domain"]
     work = rounds["work"].parent
-    domain = dataclasses.replace(d, asked_rounds=[d.asked_rounds[0]])
     replay = [e for e in train_v11.examples[:40] if not e.is_impossible][:8]
     settings = RoundsSettings(
         epochs=1.0, learning_rate=1e-2, batch_size=8, tolerance=-100.0, offload_budget=1e4,
         max_system_f1_loss=100.0,
     )  # fmt: skip
     out = run_growth_rounds(
-        work / "full", work / "bundle0", work / "exits0", work / "offload", domain, replay, settings
+        work / "full", work / "bundle0", work / "exits0", work / "offload", d, replay, settings
     )
-    return {**out, "device_root": work / "offload" / "exits" / "device"}
+    return {**out, "device_root": work / "offload" / "exits" / "device", "later": d.later}
 
 
 def test_default_gate_refuses_a_candidate_that_loses_whole_system_f1_and_the_device_keeps_its_version(
@@ -315,7 +314,7 @@ def test_only_asked_questions_reach_the_store(rounds):
 
 
 def test_a_learned_offload_threshold_is_published_and_the_device_answers_more_itself(offload_learned):
-    start, r = offload_learned["rounds"]
+    start, r, again = offload_learned["rounds"]
     assert not r["grow"]["published"] and "below" in r["grow"]["reason"]
     o = r["offload"]
     assert o["published"] and o["decision"] == "publish", o["reason"]
@@ -326,21 +325,27 @@ def test_a_learned_offload_threshold_is_published_and_the_device_answers_more_it
     assert learned["questions_asked"] == r["asked"]
     assert {"ratio", "upper", "disagreements"} <= set(o["gain"])
     assert [c["check"] for c in o["gate"]["checks"]] == ["system_f1", "share_solved"]
-    assert o["candidate"]["share_solved"] > o["current"]["share_solved"] == 0.0  # guard questions
+    # judged against the same weights without E_offload, on the guard questions
+    assert o["candidate"]["share_solved"] > o["base"]["share_solved"] == 0.0
     # the device picked the new version up over SFTP and now keeps what it used to offload
     assert r["sync"]["picked_up"] and r["device_version"] == o["version"] == r["sync"]["version"]
     assert r["deployment"]["share_on_device"] > start["deployment"]["share_on_device"] == 0.0
     assert r["deployment"]["share_on_device"] == o["candidate_probe"]["deployment"]["share_on_device"]
     assert r["deployment"]["avg_layers"] == start["deployment"]["avg_layers"]  # same weights, same depth
+    # round 2 retrains from the published bundle: the candidate starts without the old weights'
+    # E_offload (else a recalibrated E_T above it would make an unreadable bundle) and is measured
+    g2 = again["grow"]
+    assert g2["E_T_before"] == 0.97
+    assert g2["candidate"]["deployment"]["questions"] == len(offload_learned["later"])
     summary = offload_learned["summary"]["exits"]
-    assert summary["offload_thresholds_published"] == summary["published"] == 1
-    assert summary["retrained_published"] == 0 and summary["picked_up_by_device"] == 1
-    assert summary["offload_thresholds"] == [learned["E_offload"]]
+    assert summary["retrained_published"] == 0 and summary["picked_up_by_device"] >= 1
+    assert summary["offload_thresholds_published"] == summary["published"] >= 1
+    assert summary["offload_thresholds"][0] == learned["E_offload"]
     from elma_utils.edge.sync import current_bundle
     from elma_utils.export.bundle import read_thresholds
 
     device_bundle = current_bundle(offload_learned["device_root"])
-    assert read_thresholds(device_bundle)["E_offload"] == learned["E_offload"]
+    assert read_thresholds(device_bundle)["E_offload"] >= learned["E_offload"]
 
 
 # -- what is retrained, and the report -------------------------------------------------------------------

@@ -27,22 +27,23 @@ from elma_utils.server.store import HardQuestionStore
 
 # -- what a difference is worth -------------------------------------------------------------------------
 def test_gain_per_disagreement_is_the_f1_the_server_adds_per_unit_of_disagreement():
-    # four questions: two where the answers agree, one where the server is right and the edge
-    # wrong, one where the edge is right and the server wrong: a difference is worth nothing on average
-    edge, server, d = [1.0, 0.5, 0.0, 1.0], [1.0, 0.5, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]
+    # 40 questions: 20 agree; of the 20 that differ the server wins 12 and the edge 8
+    edge = [1.0] * 20 + [0.0] * 12 + [1.0] * 8
+    server = [1.0] * 20 + [1.0] * 12 + [0.0] * 8
+    d = [0.0] * 20 + [1.0] * 20
     g = gain_per_disagreement(edge, server, d)
-    assert g["disagreements"] == 2 and g["ratio"] == pytest.approx(0.0)
-    assert 0.0 <= g["upper"] <= 1.0  # an upper percentile: errs towards offloading
-    right = gain_per_disagreement(
-        [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]
-    )  # the server always wins its differences
-    assert right["ratio"] == pytest.approx(1.0) and right["upper"] == pytest.approx(1.0)
+    assert g["disagreements"] == 20 and g["ratio"] == pytest.approx(4 / 20)
+    # an upper bootstrap percentile: errs towards offloading, more so at a higher percentile
+    assert g["ratio"] < g["upper"] < 1.0
+    low = gain_per_disagreement(edge, server, d, percentile=10.0)
+    assert low["upper"] == pytest.approx(g["ratio"]) and low["upper"] < g["upper"]  # never below the ratio
     half = gain_per_disagreement([0.0] * 10, [0.5] * 10, [1.0] * 10)
     assert half["ratio"] == pytest.approx(0.5) and half["upper"] == pytest.approx(0.5)
-    none = gain_per_disagreement(
-        [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]
-    )  # nothing to learn from: assume the worst
-    assert none["disagreements"] == 0 and none["upper"] == 1.0
+    # too few disagreements to tell (here 2, the edge right in one): the server is assumed right
+    few = gain_per_disagreement([1.0, 0.5, 0.0, 1.0], [1.0, 0.5, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0])
+    assert few["ratio"] == pytest.approx(0.0) and few["upper"] == 1.0 and "assumed right" in few["why"]
+    none = gain_per_disagreement([1.0, 0.0], [1.0, 0.0], [0.0, 0.0])
+    assert none["disagreements"] == 0 and none["ratio"] is None and none["upper"] == 1.0
     with pytest.raises(ValueError, match="one value per question"):
         gain_per_disagreement([1.0], [1.0, 0.0], [0.0])
 
@@ -55,10 +56,10 @@ def offloads(*pairs: tuple[float, float]) -> list[StoredOffload]:
 def test_threshold_is_the_largest_observed_entropy_within_the_budget():
     rows = offloads((0.50, 0.0), (0.55, 0.0), (0.60, 1.0), (0.70, 0.0), (0.80, 1.0), (0.90, 0.0))
     # 100 questions asked, a difference worth 0.2 F1: each disagreeing row costs 0.2 points
-    learned = learn_offload_threshold(rows, 100, 0.2, e_t=0.45, budget=0.25)
+    learned = learn_offload_threshold(rows, 100, 0.2, e_t=0.45, budget=0.25, resamples=0)
     assert learned[OFFLOAD_KEY] == 0.70  # 0.80 would bring the cost to 0.4 > 0.25
     assert learned["kept_on_device"] == 4 and learned["disagreeing_kept"] == 1
-    assert learned[COST_KEY] == pytest.approx(0.2)
+    assert learned[COST_KEY] == pytest.approx(0.2) == learned["cost_plain"]
     assert learned["cost_steps"][-1] == (0.7, 0.2)
     everything = learn_offload_threshold(rows, 100, 0.0, e_t=0.45, budget=0.25)  # differences worth nothing
     assert everything[OFFLOAD_KEY] == 0.90 and everything["kept_on_device"] == 6  # the highest observed only
@@ -66,21 +67,35 @@ def test_threshold_is_the_largest_observed_entropy_within_the_budget():
     assert nothing[OFFLOAD_KEY] is None and nothing["kept_on_device"] == 0 and nothing[COST_KEY] == 0.0
 
 
+def test_the_bootstrapped_cost_is_never_below_the_plain_sum_and_chooses_no_higher():
+    rng = np.random.default_rng(3)
+    pairs = zip(rng.uniform(0.5, 1.0, 30), (rng.random(30) < 0.3).astype(float), strict=True)
+    rows = offloads(*((float(h), float(d)) for h, d in pairs))
+    plain = learn_offload_threshold(rows, 200, 0.5, e_t=0.45, budget=0.6, resamples=0)
+    boot = learn_offload_threshold(rows, 200, 0.5, e_t=0.45, budget=0.6)
+    assert boot[OFFLOAD_KEY] is not None and plain[OFFLOAD_KEY] is not None
+    assert boot[OFFLOAD_KEY] < plain[OFFLOAD_KEY] and boot["kept_on_device"] < plain["kept_on_device"]
+    assert boot["cost_plain"] <= boot[COST_KEY] <= 0.6
+    assert [c for _, c in boot["cost_steps"]] == sorted(c for _, c in boot["cost_steps"])
+
+
 def test_threshold_only_rises_from_the_current_one_and_counts_what_it_already_spent():
     rows = offloads((0.5, 1.0), (0.6, 0.0), (0.7, 1.0), (0.8, 0.0))
     # the current E_offload 0.6 already keeps 0.5 and 0.6 (cost 0.1 spent); 0.7 adds 0.1, 0.8 adds 0
-    learned = learn_offload_threshold(rows, 100, 0.1, e_t=0.4, current=0.6, spent=0.1, budget=0.2)
+    learned = learn_offload_threshold(
+        rows, 100, 0.1, e_t=0.4, current=0.6, spent=0.1, budget=0.2, resamples=0
+    )
     assert learned[OFFLOAD_KEY] == 0.8 and learned["above_current"] == 2
     assert learned[COST_KEY] == pytest.approx(0.2)
-    over = learn_offload_threshold(rows, 100, 0.1, e_t=0.4, current=0.6, spent=0.15, budget=0.2)
+    over = learn_offload_threshold(rows, 100, 0.1, e_t=0.4, current=0.6, spent=0.15, budget=0.2, resamples=0)
     assert over[OFFLOAD_KEY] is None  # 0.7 would exceed the budget; nothing above it can be reached
 
 
 def test_tied_entropies_are_kept_or_offloaded_together():
     rows = offloads((0.6, 0.0), (0.7, 0.0), (0.7, 1.0))
-    learned = learn_offload_threshold(rows, 10, 1.0, e_t=0.5, budget=5.0)
+    learned = learn_offload_threshold(rows, 10, 1.0, e_t=0.5, budget=5.0, resamples=0)
     assert learned[OFFLOAD_KEY] == 0.6  # both 0.7 rows cost 10 points together
-    assert learn_offload_threshold(rows, 10, 1.0, e_t=0.5, budget=10.0)[OFFLOAD_KEY] == 0.7
+    assert learn_offload_threshold(rows, 10, 1.0, e_t=0.5, budget=10.0, resamples=0)[OFFLOAD_KEY] == 0.7
 
 
 def test_bad_arguments_are_refused():
@@ -103,11 +118,17 @@ def test_stored_offloads_price_each_offload_with_the_last_layer_entropy(tmp_path
             (ask(1, "capital", (0.9, 0.8)), "Paris"),  # no word in common
             (ask(2, "most populous city", (0.9, 0.6)), "populous city"),  # partial overlap
             (ask(3, "Paris", (0.95, 0.9), version="edge-b"), "France"),
+            (ask(4, "", (0.9, 0.85)), ""),  # the server says "no answer", and so did the edge
+            (ask(5, "Paris", ()), "Paris"),  # no entropies: nothing to price it by
         ):
-            store.record(request, make_answer(request, server_text))
-    rows = {o.entropy: o.disagreement for o in stored_offloads(tmp_path / "store.sqlite3", ["edge-a"])}
-    assert rows == pytest.approx({0.7: 0.0, 0.8: 1.0, 0.6: 1.0 - 0.8})  # F1 of 2 of 3 words: 0.8
-    assert len(stored_offloads(tmp_path / "store.sqlite3")) == 4  # any version
+            store.record(request, make_answer(request, server_text, no_answer=not server_text))
+        other = ask(6, "Paris", (0.9, 0.75))
+        store.record(dataclasses.replace(other, device_id="d2"), make_answer(other, "France"))
+    path = tmp_path / "store.sqlite3"
+    rows = {o.entropy: o.disagreement for o in stored_offloads(path, ["edge-a"], ["d1"])}
+    assert rows == pytest.approx({0.7: 0.0, 0.8: 1.0, 0.6: 1.0 - 0.8, 0.85: 0.0})  # F1 of 2 of 3 words: 0.8
+    assert len(stored_offloads(path, None)) == 6  # any version, any device; the one without entropies skipped
+    assert {o.entropy for o in stored_offloads(path, ["edge-a"], ["d2"])} == {0.75}
 
 
 # -- the bundle and the device -------------------------------------------------------------------------
@@ -119,6 +140,11 @@ def test_thresholds_check_refuses_an_offload_threshold_it_cannot_honour():
         ({"policy": "entropy", "E_T": 0.4, OFFLOAD_KEY: float("nan")}, "finite number"),
         ({"policy": "entropy", "E_T": 0.4, OFFLOAD_KEY: "0.6"}, "finite number"),
         ({"policy": "never", OFFLOAD_KEY: 0.6}, "needs an entropy policy"),
+        ({"policy": "patience", "patience": 2, "E_T": 0.4, OFFLOAD_KEY: 0.6}, "needs an entropy policy"),
+        (
+            {"policy": "entropy", "E_T": 0.4, OFFLOAD_KEY: 0.6, COST_KEY: "x"},
+            "E_offload_cost must be a finite",
+        ),
     ):
         with pytest.raises(BundleError, match=why):
             check_thresholds(bad)
@@ -148,14 +174,41 @@ def test_the_device_keeps_questions_below_the_learned_threshold(tmp_path, dev_v1
         assert b.solved == (a.entropy <= middle)  # kept exactly where offloading would not pay
         assert (b.text, b.exit_layer, b.entropy) == (a.text, a.exit_layer, a.entropy)  # same answer
     assert sum(b.solved for b in kept) == sum(h <= middle for h in entropies) >= 4
+    assert [b.kept_below_offload_threshold for b in kept] == [b.solved for b in kept]  # no exit settled any
+    # an explicit policy (the benchmarks' "every layer, then the server") is not the bundle's own:
+    # E_offload does not apply to it
+    from elma_utils.early_exit.policies import NeverExit
+
+    assert not any(
+        a.solved for a in after.answer_features(examples, after.features_for(examples), NeverExit())
+    )
     after.offload_threshold = None  # a device told to offload everything it does not settle
     assert not any(a.solved for a in after.answer_features(examples, after.features_for(examples)))
+    # the benchmarks' full-compute reference drops it with E_T
+    from elma_utils.export.bundle import full_compute_copy
+
+    full = read_thresholds(full_compute_copy(candidate, tmp_path / "full"))
+    assert full["policy"] == "never" and OFFLOAD_KEY not in full and COST_KEY not in full
+
+
+def test_a_retrained_edge_starts_without_the_old_weights_offload_threshold():
+    from elma_utils.export.bundle import for_new_weights
+
+    th = {"policy": "entropy", "E_T": 0.4, OFFLOAD_KEY: 0.6, COST_KEY: 0.1, "rule": "max"}
+    assert for_new_weights(th) == {"policy": "entropy", "E_T": 0.4, "rule": "max"}
+    assert th[OFFLOAD_KEY] == 0.6  # a copy
+    # a recalibrated E_T above the old E_offload would otherwise make an unreadable bundle
+    with pytest.raises(BundleError, match="E_T ≤ E_offload"):
+        check_thresholds({**th, "E_T": 0.7})
+    assert check_thresholds(for_new_weights({**th, "E_T": 0.7}))["E_T"] == 0.7
 
 
 def test_offload_candidate_refuses_a_threshold_below_e_t(tmp_path, minilm_tokenizer):
     current = write_tiny_bundle(tmp_path / "current", minilm_tokenizer, entropy_threshold=0.5)
     with pytest.raises(BundleError, match="E_T ≤ E_offload"):
         offload_candidate(current, tmp_path / "candidate", {OFFLOAD_KEY: 0.4, COST_KEY: 0.0})
+    with pytest.raises(ValueError, match="no E_offload was learned"):
+        offload_candidate(current, tmp_path / "candidate", {OFFLOAD_KEY: None, COST_KEY: 0.0})
 
 
 def test_learned_record_is_json(tmp_path):

@@ -74,6 +74,7 @@ class EdgeAnswer(EarlyExitAnswer):
     windows: int = 1
     kept_share: float = 1.0  # share of the question's tokens past the skim layer (1.0: no skim)
     layer_texts: list[str] = field(default_factory=list)  # each computed layer's answer
+    kept_below_offload_threshold: bool = False  # solved: no exit settled it, but E_offload kept it here
 
     @property
     def total_ms(self) -> float:
@@ -299,6 +300,8 @@ class EdgeModel:
             history.append(result)
             decision = policy.decide(history)
             if decision is not None or k == len(self.steps) - 1:
+                # the learned offload threshold belongs to the bundle's own policy, not to an override
+                keep = decision is None and policy is self.policy and self._keep_on_device(result)
                 c0, c1 = result.best_span
                 skimmed = any(p is not None for p in positions)
                 return EdgeAnswer(
@@ -306,7 +309,7 @@ class EdgeModel:
                     char_start=int(c0),
                     char_end=int(c1),
                     exit_layer=result.layer,
-                    solved=decision is not None or self._keep_on_device(result),
+                    solved=decision is not None or keep,
                     entropy=float(result.entropy),
                     null_diff=float(result.null_diff or 0.0),
                     entropies=[float(h.entropy) for h in history],
@@ -315,6 +318,7 @@ class EdgeModel:
                     windows=len(rows),
                     kept_share=float(kept.sum() / lengths.sum()) if skimmed else 1.0,
                     layer_texts=[h.text or "" for h in history],
+                    kept_below_offload_threshold=keep,
                 )
             if skim is not None and k + 1 == skim.layer:
                 t0 = time.perf_counter()

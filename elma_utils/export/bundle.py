@@ -32,6 +32,7 @@ BUNDLE_FORMAT = "elma-edge-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 THRESHOLDS = "thresholds.json"
+OFFLOAD_THRESHOLD_KEYS = ("E_offload", "E_offload_cost")  # learned for one set of weights
 TOKENIZER_DIR = "tokenizer"
 SKIM_FILE = "skim.npz"
 POLICY_NAMES = ("entropy", "never", "patience", "entropy+patience")
@@ -74,9 +75,11 @@ def check_thresholds(thresholds: dict[str, Any]) -> dict[str, Any]:
         raise BundleError(f"{THRESHOLDS}: policy {th['policy']!r} needs an integer patience ≥ 1")
     e_off = th.get("E_offload")
     if e_off is not None:
-        if isinstance(e_off, bool) or not isinstance(e_off, int | float) or not math.isfinite(e_off):
-            raise BundleError(f"{THRESHOLDS}: E_offload must be a finite number, got {e_off!r}")
-        if th.get("E_T") is None or e_off < th["E_T"]:
+        for key in OFFLOAD_THRESHOLD_KEYS:
+            v = th.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+                raise BundleError(f"{THRESHOLDS}: {key} must be a finite number, got {v!r}")
+        if "entropy" not in th["policy"] or e_off < th["E_T"]:
             raise BundleError(
                 f"{THRESHOLDS}: E_offload ({e_off!r}) needs an entropy policy with E_T ≤ E_offload "
                 f"(E_T is {th.get('E_T')!r}); remove E_offload or raise it"
@@ -86,6 +89,12 @@ def check_thresholds(thresholds: dict[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise BundleError(f"{THRESHOLDS}: {err}") from err
     return th
+
+
+def for_new_weights(thresholds: dict[str, Any]) -> dict[str, Any]:
+    """The thresholds a retrained edge starts from: the learned offload threshold priced the
+    old weights' entropies, so it goes (``server.offload_threshold`` learns it again)."""
+    return {k: v for k, v in thresholds.items() if k not in OFFLOAD_THRESHOLD_KEYS}
 
 
 def policy_from_thresholds(th: dict[str, Any]):
@@ -210,7 +219,7 @@ def full_compute_copy(bundle_dir: str | Path, out_dir: str | Path) -> Path:
     if spec:
         (out / spec["file"]).unlink()
     th = read_thresholds(src)
-    th = {k: v for k, v in th.items() if k not in ("predictor", "E_T", "patience")}
+    th = {k: v for k, v in for_new_weights(th).items() if k not in ("predictor", "E_T", "patience")}
     (out / THRESHOLDS).write_text(
         json.dumps(check_thresholds({**th, "policy": "never"}), indent=2, sort_keys=True)
     )

@@ -262,7 +262,7 @@ def run_target(
                     offload = grow_offload_threshold(
                         store_path, server_root, full_model_dir=full_model_dir,
                         calibration=_eval_set(calibration, "calibration"), guard=_eval_set(guard, "guard"),
-                        questions_asked=asked_since, model_versions=same_weights,
+                        questions_asked=asked_since, model_versions=same_weights, device_ids=[dep.edge.device_id],
                         budget=settings.offload_budget, tolerance=settings.max_system_f1_loss,
                         on_candidate=lambda bundle: measure(bundle, sets),
                     )  # fmt: skip

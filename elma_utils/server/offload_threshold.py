@@ -10,17 +10,23 @@ device's last-layer answer and entropy beside the server's answer.
 The price of keeping a question on the device is (how much the two answers differ) × (what a
 difference is worth). The first part comes from the store, on the device's own texts, without
 any label: ``d = 1 − F1(edge answer, server answer)``. The second comes from labelled held-back
-questions (the calibration questions that also choose E_T): over those, the F1 the server's
-answer gains over the edge's, per unit of disagreement (``gain_per_disagreement``; an upper
-bootstrap percentile, so the estimate errs towards offloading). Keeping the stored offloads
-with entropy ≤ e then costs about ``Σ g·d / questions asked`` F1 points; ``learn_offload_threshold``
-picks the largest *observed* entropy whose cost stays within ``budget`` (questions above the
-highest observed one are still offloaded: the server keeps learning from them).
+questions (the calibration questions that also choose E_T), only those the device would
+offload (last-layer entropy above the current threshold: where the edge is unsure the server
+is worth more than on average): the F1 the server's answer gains over the edge's per unit of
+disagreement (``gain_per_disagreement``: an upper bootstrap percentile, and "the server is
+always right" when there are too few disagreements to tell). Keeping the stored offloads with
+entropy ≤ e then costs about ``100 · Σ g·d / questions asked`` F1 points, taken at an upper
+bootstrap percentile over the stored rows too (the same rows price and choose the threshold);
+``learn_offload_threshold`` picks the largest *observed* entropy whose cost stays within
+``budget`` (questions above the highest observed one are still offloaded: the server keeps
+learning from them).
 
 ``offload_candidate`` writes the current bundle again with that ``E_offload`` in its
 thresholds.json (``EdgeModel`` then answers on the device every question whose last-layer
 entropy is ≤ E_offload), and ``grow_offload_threshold`` puts it through the same gate as a
-retrained edge (whole-system F1 on labelled guard questions) and publishes it.
+retrained edge (whole-system F1 on labelled guard questions, against the same weights without
+any E_offload, so that rounds cannot add up small losses) and publishes it. A retrained edge
+drops the threshold (``export.bundle.for_new_weights``): it is learned again for new weights.
 """
 
 from __future__ import annotations
@@ -35,11 +41,18 @@ from typing import Any
 
 import numpy as np
 
-from elma_utils.export.bundle import MANIFEST, THRESHOLDS, read_thresholds, sha256_file, verify_bundle
+from elma_utils.export.bundle import (
+    MANIFEST,
+    OFFLOAD_THRESHOLD_KEYS,
+    THRESHOLDS,
+    for_new_weights,
+    read_thresholds,
+    sha256_file,
+    verify_bundle,
+)
 from elma_utils.server import publish
 
-OFFLOAD_KEY = "E_offload"
-COST_KEY = "E_offload_cost"  # F1 points the current E_offload was estimated to cost
+OFFLOAD_KEY, COST_KEY = OFFLOAD_THRESHOLD_KEYS  # the threshold, and the F1 points it was estimated to cost
 
 
 @dataclass
@@ -51,103 +64,116 @@ class StoredOffload:
 
 
 def stored_offloads(
-    store_path: str | Path, model_versions: Sequence[str] | None = None
+    store_path: str | Path, model_versions: Sequence[str] | None, device_ids: Sequence[str] | None = None
 ) -> list[StoredOffload]:
     """Every stored offload (first request of each, not retries) made by one of
-    ``model_versions`` (None: any): entropies are comparable only between versions with the
-    same weights."""
+    ``model_versions`` (None: any; entropies are comparable only between versions with the same
+    weights) on one of ``device_ids`` (None: any). Offloads without entropies are skipped."""
     from elma_utils.server.store import HardQuestionStore
     from elma_utils.squad.metrics import f1_score
 
     with HardQuestionStore(store_path) as store, store.db.read() as conn:
         rows = conn.execute(
-            "SELECT edge_entropies, edge_text, server_text, no_answer, edge_model_version FROM offloads"
+            "SELECT edge_entropies, edge_text, server_text, no_answer, edge_model_version, device_id"
+            " FROM offloads"
         ).fetchall()
-    wanted = None if model_versions is None else set(model_versions)
+    versions = None if model_versions is None else set(model_versions)
+    devices = None if device_ids is None else set(device_ids)
     out = []
-    for entropies, edge_text, server_text, no_answer, version in rows:
-        if wanted is not None and version not in wanted:
+    for entropies, edge_text, server_text, no_answer, version, device in rows:
+        if (versions is not None and version not in versions) or (
+            devices is not None and device not in devices
+        ):
+            continue
+        entropies = json.loads(entropies)
+        if not entropies:
             continue
         server = "" if no_answer else server_text
         same = edge_text == server or f1_score(edge_text, server) == 1.0
-        out.append(
-            StoredOffload(
-                float(json.loads(entropies)[-1]), 0.0 if same else 1.0 - f1_score(edge_text, server)
-            )
-        )
+        out.append(StoredOffload(float(entropies[-1]), 0.0 if same else 1.0 - f1_score(edge_text, server)))
     return out
 
 
 def gain_per_disagreement(
     edge_f1: Sequence[float], server_f1: Sequence[float], disagreement: Sequence[float], *,
-    percentile: float = 90.0, resamples: int = 400, seed: int = 0,
+    percentile: float = 90.0, resamples: int = 400, seed: int = 0, min_disagreements: int = 5,
 ) -> dict[str, Any]:  # fmt: skip
     """F1 (0..1) the server's answer gains over the edge's per unit of disagreement, on
-    labelled questions: the ratio Σ gain / Σ disagreement, and its ``percentile`` over
-    bootstrap resamples (``upper``, what ``learn_offload_threshold`` uses). With no
-    disagreement at all there is nothing to learn from: ``upper`` is 1 (assume the server is
-    right whenever it differs)."""
+    labelled questions: the ratio Σ gain / Σ disagreement, and ``upper``, the larger of the
+    ratio and its ``percentile`` over bootstrap resamples (what ``learn_offload_threshold``
+    uses), clipped to 0..1. With fewer than ``min_disagreements`` disagreements there is too
+    little to learn from: ``upper`` is 1 (the server is assumed right whenever it differs)."""
     e, s, d = (np.asarray(v, dtype=np.float64) for v in (edge_f1, server_f1, disagreement))
     if not (len(e) == len(s) == len(d)):
         raise ValueError("edge_f1, server_f1 and disagreement need one value per question")
     gain = s - e
     differ = int(np.count_nonzero(d > 0))
-    if differ == 0:
-        return {"questions": len(d), "disagreements": 0, "ratio": None, "upper": 1.0}
-    ratio = float(gain.sum() / d.sum())
+    out: dict[str, Any] = {
+        "questions": len(d),
+        "disagreements": differ,
+        "mean_disagreement": float(d.mean()) if len(d) else 0.0,
+        "ratio": float(gain.sum() / d.sum()) if differ else None,
+        "percentile": percentile,
+    }
+    if differ < max(min_disagreements, 1):
+        return {
+            **out,
+            "upper": 1.0,
+            "why": f"fewer than {min_disagreements} disagreements: the server is assumed right",
+        }
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(resamples):
         idx = rng.integers(0, len(d), len(d))
         total = d[idx].sum()
         samples.append(gain[idx].sum() / total if total > 0 else 1.0)
-    upper = float(np.clip(np.percentile(samples, percentile), 0.0, 1.0))
-    return {
-        "questions": len(d),
-        "disagreements": differ,
-        "mean_disagreement": float(d.mean()),
-        "ratio": ratio,
-        "upper": upper,
-        "percentile": percentile,
-    }
+    return {**out, "upper": float(np.clip(max(np.percentile(samples, percentile), out["ratio"]), 0.0, 1.0))}
 
 
 def learn_offload_threshold(
     offloads: Sequence[StoredOffload], questions_asked: int, gain: float, *,
     e_t: float, current: float | None = None, spent: float = 0.0, budget: float = 0.15,
+    percentile: float = 90.0, resamples: int = 400, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """The largest observed last-layer entropy E_offload (≥ ``current``, else ≥ ``e_t``) such that
     keeping on the device the stored offloads up to it costs at most ``budget`` F1 points over
     the ``questions_asked`` questions those offloads came from, ``spent`` (the cost of the
     current E_offload) included. ``gain``: F1 gained per unit of disagreement
-    (``gain_per_disagreement``'s ``upper``). ``E_offload`` is None when no stored offload fits."""
+    (``gain_per_disagreement``'s ``upper``). Each threshold's cost is its ``percentile`` over
+    bootstrap resamples of the stored rows (they both price and choose it, so the plain sum,
+    ``cost_plain``, is optimistic; never below it; ``resamples=0``: the plain sum).
+    ``E_offload`` is None when no stored offload fits."""
     if questions_asked <= 0:
         raise ValueError(f"questions_asked must be > 0, got {questions_asked}")
     if not 0.0 <= gain <= 1.0:
         raise ValueError(f"gain per disagreement must lie in 0..1, got {gain}")
     floor = e_t if current is None else max(e_t, current)
     above = sorted((o for o in offloads if o.entropy > floor), key=lambda o: o.entropy)
-    cost, chosen, kept, steps = spent, None, 0, []
+    each = np.array([100.0 * gain * o.disagreement / questions_asked for o in above])
+    upper = np.cumsum(each)  # resamples=0: the plain sum
+    if above and resamples:
+        rng = np.random.default_rng(seed)
+        counts = rng.multinomial(len(above), np.full(len(above), 1 / len(above)), resamples)
+        upper = np.maximum(np.percentile(np.cumsum(counts * each, axis=1), percentile, axis=0), upper)
+    chosen, kept, steps = None, 0, []
     for i, o in enumerate(above):
-        cost += 100.0 * gain * o.disagreement / questions_asked
-        last_of_tie = i + 1 == len(above) or above[i + 1].entropy > o.entropy
-        if not last_of_tie:
-            continue
+        if i + 1 < len(above) and above[i + 1].entropy == o.entropy:
+            continue  # ties are kept or offloaded together
+        cost = spent + float(upper[i])
         if cost > budget + 1e-12:
             break
         chosen, kept = o.entropy, i + 1
         steps.append((round(o.entropy, 5), round(cost, 4)))
     return {
         OFFLOAD_KEY: chosen,
-        COST_KEY: round(
-            spent + sum(100.0 * gain * o.disagreement / questions_asked for o in above[:kept]), 6
-        ),
+        COST_KEY: round(spent + (float(upper[kept - 1]) if kept else 0.0), 6),
+        "cost_plain": round(spent + float(each[:kept].sum()), 6),
         "previous": current,
         "E_T": e_t,
         "stored_offloads": len(offloads),
         "above_current": len(above),
         "kept_on_device": kept,
-        "disagreeing_kept": sum(o.disagreement > 0 for o in above[:kept]),
+        "disagreeing_kept": int(sum(o.disagreement > 0 for o in above[:kept])),
         "questions_asked": questions_asked,
         "gain_per_disagreement": gain,
         "budget": budget,
@@ -155,33 +181,51 @@ def learn_offload_threshold(
     }
 
 
-def offload_candidate(current_bundle: str | Path, out_dir: str | Path, learned: dict[str, Any]) -> Path:
-    """A copy of ``current_bundle`` whose thresholds.json carries the learned E_offload (and
-    its estimated cost); the manifest lists the new file's sha256 and size."""
-    src, dst = Path(current_bundle), Path(out_dir)
+def _rewrite_thresholds(src: Path, dst: Path, thresholds: dict[str, Any], version: str) -> Path:
+    """A copy of bundle ``src`` at ``dst`` with other thresholds; the manifest lists the new file."""
     shutil.rmtree(dst, ignore_errors=True)
     publish.copy_bundle(src, dst)
     manifest = verify_bundle(dst)
-    thresholds = read_thresholds(src)
-    thresholds[OFFLOAD_KEY] = learned[OFFLOAD_KEY]
-    thresholds[COST_KEY] = learned[COST_KEY]
     (dst / THRESHOLDS).write_text(json.dumps(thresholds, indent=2))
     manifest["files"][THRESHOLDS] = {
         "sha256": sha256_file(dst / THRESHOLDS),
         "bytes": (dst / THRESHOLDS).stat().st_size,
     }
-    manifest["model_version"] = f"candidate-offload-{dst.name}"
+    manifest["model_version"] = version
     (dst / MANIFEST).write_text(json.dumps(manifest, indent=2))
     verify_bundle(dst)
     read_thresholds(dst)
     return dst
 
 
+def offload_candidate(current_bundle: str | Path, out_dir: str | Path, learned: dict[str, Any]) -> Path:
+    """A copy of ``current_bundle`` whose thresholds.json carries the learned E_offload (and
+    its estimated cost); the manifest lists the new file's sha256 and size."""
+    if learned.get(OFFLOAD_KEY) is None:
+        raise ValueError("no E_offload was learned: there is no candidate to write")
+    src, dst = Path(current_bundle), Path(out_dir)
+    thresholds = {**read_thresholds(src), OFFLOAD_KEY: learned[OFFLOAD_KEY], COST_KEY: learned[COST_KEY]}
+    return _rewrite_thresholds(src, dst, thresholds, f"candidate-offload-{dst.parent.name}")
+
+
+def without_offload_threshold(bundle: str | Path, out_dir: str | Path) -> Path:
+    """``bundle`` itself when it has no E_offload, else a copy without it: the same weights
+    offloading everything no exit settles (what the gate compares a threshold against)."""
+    src = Path(bundle)
+    thresholds = read_thresholds(src)
+    if thresholds.get(OFFLOAD_KEY) is None:
+        return src
+    dst = Path(out_dir)
+    return _rewrite_thresholds(src, dst, for_new_weights(thresholds), f"base-{dst.parent.name}")
+
+
 def calibration_gain(
-    bundle: str | Path, calibration: publish.EvalSet, full_model_dir: str | Path, cache_dir: str | Path
-) -> dict[str, Any]:
-    """``gain_per_disagreement`` on labelled questions: the bundle's last-layer answers (no
-    early exit) against the server's, both scored against the gold answers."""
+    bundle: str | Path, calibration: publish.EvalSet, full_model_dir: str | Path, cache_dir: str | Path,
+    floor: float,
+) -> dict[str, Any]:  # fmt: skip
+    """``gain_per_disagreement`` on the labelled questions the bundle would offload (last-layer
+    entropy above ``floor``): its last-layer answers against the server's, both scored
+    against the gold answers."""
     from elma_utils.early_exit.policies import NeverExit
     from elma_utils.edge.runtime import EdgeModel
     from elma_utils.squad.metrics import f1_score, per_question_scores
@@ -194,12 +238,13 @@ def calibration_gain(
     server = publish.server_answers_for(full_model_dir, calibration.examples, cache_dir)
     edge_scores = per_question_scores(calibration.raw, edge, calibration.version)
     server_scores = per_question_scores(calibration.raw, server, calibration.version)
-    ids = [e.qas_id for e in calibration.examples]
-    return gain_per_disagreement(
+    ids = [e.qas_id for e, a in zip(calibration.examples, answers, strict=True) if a.entropy > floor]
+    out = gain_per_disagreement(
         [edge_scores[i][1] for i in ids],
         [server_scores[i][1] for i in ids],
         [0.0 if edge[i] == server[i] else 1.0 - f1_score(edge[i], server[i]) for i in ids],
     )
+    return {**out, "entropy_above": floor, "of_questions": len(calibration.examples)}
 
 
 @dataclass
@@ -212,7 +257,7 @@ class OffloadResult:
     version: str | None = None
     learned: dict = field(default_factory=dict)  # learn_offload_threshold's record
     gain: dict = field(default_factory=dict)  # calibration_gain's record
-    current: dict = field(default_factory=dict)  # evaluate_bundle on the guard questions
+    base: dict = field(default_factory=dict)  # evaluate_bundle on the guard questions: no E_offload
     candidate: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
     candidate_probe: Any = None
@@ -225,15 +270,16 @@ class OffloadResult:
 def grow_offload_threshold(
     store_path: str | Path, server_root: str | Path, *, full_model_dir: str | Path,
     calibration: publish.EvalSet, guard: publish.EvalSet, questions_asked: int,
-    model_versions: Sequence[str] | None = None, budget: float = 0.15, tolerance: float = 0.3,
-    max_share_drop: float = 0.0, on_candidate: Callable[[Path], Any] | None = None,
+    model_versions: Sequence[str], device_ids: Sequence[str] | None = None, budget: float = 0.15,
+    tolerance: float = 0.3, on_candidate: Callable[[Path], Any] | None = None,
 ) -> OffloadResult:  # fmt: skip
     """Learn E_offload from the store and publish it when the gate agrees (module note).
 
-    ``questions_asked``: how many questions the device asked while making the stored offloads
-    of ``model_versions`` (the versions with the current weights). The gate judges whole-system
-    F1 on ``guard`` (labelled, never used to learn) with ``tolerance`` F1 points, and the
-    candidate must settle no fewer guard questions (``max_share_drop``)."""
+    ``questions_asked``: how many questions ``device_ids`` (None: every device) asked while
+    making the stored offloads of ``model_versions`` (the published versions with the current
+    weights). The gate judges whole-system F1 on ``guard`` (labelled, never used to learn)
+    against the same weights without E_offload, within ``tolerance`` F1 points; the candidate
+    never settles fewer questions (E_offload only rises)."""
     t0 = time.perf_counter()
     server_root = Path(server_root)
     pointer = publish.read_latest(server_root)
@@ -242,29 +288,30 @@ def grow_offload_threshold(
     current = publish.bundles_dir(server_root) / pointer.version
     thresholds = read_thresholds(current)
     result = OffloadResult(False, "", pointer.version)
-    if thresholds.get("E_T") is None:
+    if "entropy" not in thresholds["policy"]:
         result.reason = f"kept {pointer.version}: its policy has no E_T, so nothing is offloaded by entropy"
         return _done(result, t0)
-    offloads = stored_offloads(store_path, model_versions)
+    offloads = stored_offloads(store_path, model_versions, device_ids)
     if not offloads:
         result.reason = f"kept {pointer.version}: no stored offloads from the current weights"
         return _done(result, t0)
+    e_t, now = float(thresholds["E_T"]), thresholds.get(OFFLOAD_KEY)
+    floor = e_t if now is None else max(e_t, float(now))
     cache = server_root / publish.SERVER_ANSWERS_DIR
-    result.gain = calibration_gain(current, calibration, full_model_dir, cache)
+    result.gain = calibration_gain(current, calibration, full_model_dir, cache, floor)
     result.learned = learn_offload_threshold(
-        offloads, questions_asked, result.gain["upper"], e_t=float(thresholds["E_T"]),
-        current=thresholds.get(OFFLOAD_KEY), spent=float(thresholds.get(COST_KEY) or 0.0), budget=budget,
+        offloads, questions_asked, result.gain["upper"], e_t=e_t, current=now,
+        spent=float(thresholds.get(COST_KEY) or 0.0), budget=budget,
     )  # fmt: skip
     if not result.learned["above_current"]:
         result.reason = (
-            f"kept {pointer.version}: no stored offload lies above the current offload threshold "
-            f"{result.learned['previous'] if result.learned['previous'] is not None else 'E_T'}"
+            f"kept {pointer.version}: no stored offload lies above the current threshold {floor:.4f}"
         )
         return _done(result, t0)
     if result.learned[OFFLOAD_KEY] is None:
         result.reason = (
-            f"kept {pointer.version}: keeping even the least uncertain stored offload on the device "
-            f"would cost more than {budget:g} F1 points"
+            f"kept {pointer.version}: keeping even the least uncertain stored offload above {floor:.4f} "
+            f"on the device would cost more than {budget:g} F1 points"
         )
         return _done(result, t0)
     run_dir = server_root / publish.RUNS_DIR / f"offload-{int(time.time() * 1000):x}"
@@ -272,12 +319,12 @@ def grow_offload_threshold(
     try:
         if guard.server_answers is None:
             guard.server_answers = publish.server_answers_for(full_model_dir, guard.examples, cache)
-        result.current = publish.evaluate_bundle(current, [guard])
+        result.base = publish.evaluate_bundle(without_offload_threshold(current, run_dir / "base"), [guard])
         result.candidate = publish.evaluate_bundle(candidate, [guard])
         if on_candidate is not None:
             result.candidate_probe = on_candidate(candidate)
         result.gate = publish.gate_report(
-            result.current, result.candidate, tolerance=tolerance, max_share_drop=max_share_drop
+            result.base, result.candidate, tolerance=tolerance, max_share_drop=0.0
         )
         if result.gate["refusal"]:
             result.reason = f"kept {pointer.version}: {result.gate['refusal']}"
@@ -293,8 +340,8 @@ def grow_offload_threshold(
             f"published {result.version}: E_offload {result.learned[OFFLOAD_KEY]:.4f} keeps "
             f"{result.learned['kept_on_device']} of {len(offloads)} stored offloads on the device "
             f"(estimated cost {result.learned[COST_KEY]:.3f} F1); guard whole-system F1 "
-            f"{result.candidate['system_f1']:.2f} vs {result.current['system_f1']:.2f}, settles "
-            f"{result.candidate['share_solved']:.1f} % vs {result.current['share_solved']:.1f} %"
+            f"{result.candidate['system_f1']:.2f} vs {result.base['system_f1']:.2f} without it, settles "
+            f"{result.candidate['share_solved']:.1f} % vs {result.base['share_solved']:.1f} %"
         )
         return _done(result, t0)
     finally:

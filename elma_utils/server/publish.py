@@ -51,7 +51,7 @@ from typing import Any
 
 from elma_utils.atomic_files import fsync_dir, write_bytes_atomic
 from elma_utils.edge.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
-from elma_utils.export.bundle import MANIFEST, read_thresholds, sha256_file, verify_bundle
+from elma_utils.export.bundle import MANIFEST, for_new_weights, read_thresholds, sha256_file, verify_bundle
 from elma_utils.file_lock import exclusive_lock
 
 BUNDLES_DIR = "bundles"
@@ -651,7 +651,7 @@ def retrain_edge(
         return _finish(result, run_dir, t0)
     calibration_set = _load_set(Path(calibration), "calibration", calibration_limit) if calibration else None
     candidate, candidate_exits, result.train, result.recalibration = _train_candidate(
-        exits, full_model_dir, manifest, read_thresholds(current), data.train, run_dir, mode=mode,
+        exits, full_model_dir, manifest, for_new_weights(read_thresholds(current)), data.train, run_dir, mode=mode,
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed, verbose=verbose,
         calibration=calibration_set, max_f1_loss=max_f1_loss,
     )  # fmt: skip
