@@ -77,7 +77,9 @@ def check_thresholds(thresholds: dict[str, Any]) -> dict[str, Any]:
     if e_off is not None:
         for key in OFFLOAD_THRESHOLD_KEYS:
             v = th.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            ):
                 raise BundleError(f"{THRESHOLDS}: {key} must be a finite number, got {v!r}")
         if "entropy" not in th["policy"] or e_off < th["E_T"]:
             raise BundleError(

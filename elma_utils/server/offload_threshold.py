@@ -132,7 +132,7 @@ def gain_per_disagreement(
 
 def learn_offload_threshold(
     offloads: Sequence[StoredOffload], questions_asked: int, gain: float, *,
-    e_t: float, current: float | None = None, spent: float = 0.0, budget: float = 0.15,
+    e_t: float, current: float | None = None, spent: float = 0.0, budget: float = 0.3,
     percentile: float = 90.0, resamples: int = 400, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """The largest observed last-layer entropy E_offload (≥ ``current``, else ≥ ``e_t``) such that
@@ -270,7 +270,7 @@ class OffloadResult:
 def grow_offload_threshold(
     store_path: str | Path, server_root: str | Path, *, full_model_dir: str | Path,
     calibration: publish.EvalSet, guard: publish.EvalSet, questions_asked: int,
-    model_versions: Sequence[str], device_ids: Sequence[str] | None = None, budget: float = 0.15,
+    model_versions: Sequence[str], device_ids: Sequence[str] | None = None, budget: float = 0.3,
     tolerance: float = 0.3, on_candidate: Callable[[Path], Any] | None = None,
 ) -> OffloadResult:  # fmt: skip
     """Learn E_offload from the store and publish it when the gate agrees (module note).
