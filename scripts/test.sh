@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then every check, in this order:
-#   ruff check . · ruff format --check . · pytest tests · the notebooks under nbval
+#   ruff check . · ruff format --check . · pytest tests · the notebooks under nbval ·
+#   the checks on what the notebooks recorded (tests/test_notebook_records.py)
 # The notebooks run in the smoke profile, then in smoke-albert: ELMA_PROFILE is what their
-# `parameters` cell reads when no profile is injected. Every step runs even after a failure; the exit
+# `parameters` cell reads when no profile is injected. The record checks run last, so that the
+# smoke run's metrics they check exist on a clean clone too. Every step runs even after a failure; the exit
 # status is non-zero when any step failed (pytest's "no tests collected" counts as a
 # failure). The last line is the total: "total: N passed, N failed, N skipped".
 set -uo pipefail
@@ -79,7 +81,7 @@ PYEOF
 
 check "ruff check" "$VENV/bin/ruff" check .
 check "ruff format" "$VENV/bin/ruff" format --check .
-run_pytest "tests" unit "$PY" -m pytest -q tests
+run_pytest "tests" unit "$PY" -m pytest -q tests --ignore=tests/test_notebook_records.py
 ELMA_PROFILE=smoke run_pytest "notebooks (nbval, smoke)" nbval \
     "$PY" -m pytest -q --nbval-lax --nbval-current-env notebooks/
 # The same notebooks on the ALBERT path (tiny random ALBERT, one shared layer, 30k SentencePiece);
@@ -88,6 +90,7 @@ ELMA_PROFILE=smoke run_pytest "notebooks (nbval, smoke)" nbval \
 ELMA_PROFILE=smoke-albert ELMA_REPORTS_DIR="$RESULTS/reports-smoke-albert" \
     run_pytest "notebooks (nbval, smoke-albert)" nbval-albert \
     "$PY" -m pytest -q --nbval-lax --nbval-current-env notebooks/
+run_pytest "notebook records (cpu, smoke, smoke-albert)" records "$PY" -m pytest -q tests/test_notebook_records.py
 
 echo
 echo "=== summary"

@@ -220,3 +220,11 @@ def test_growth_rounds():
         for r in range(3)
     ]
     assert figure_problems(plot_rounds(rounds)) == []
+    # a round whose new version the device picked up is marked with what was published
+    rounds[1]["sync"] = {"picked_up": True}
+    rounds[1]["offload"] = {"published": True, "learned": {"E_offload": 0.612}}
+    rounds[2]["sync"] = {"picked_up": True}
+    fig = plot_rounds(rounds)
+    assert figure_problems(fig) == []
+    notes = [t.get_text() for t in fig.axes[0].texts]
+    assert notes == ["published: E_offload 0.61", "published: retrained edge"]

@@ -131,6 +131,8 @@ def test_test_sh_counts_everything_and_fails_on_no_tests(tmp_path: Path) -> None
     repo = _fake_repo(tmp_path, {"scripts/test.sh": "real", "scripts/setup.sh": "echo setup-ran\n"})
     (repo / "tests").mkdir()
     (repo / "tests" / "test_sample.py").write_text(TEST_FILE)
+    # the record checks run last (after the notebooks wrote what they check), not in the first run
+    (repo / "tests" / "test_notebook_records.py").write_text("def test_records():\n    pass\n")
     (repo / "notebooks").mkdir()
     venv = _fake_venv(tmp_path, {"ruff": 'echo "ruff $*"', "python": f'exec "{sys.executable}" "$@"'})
     env = {**os.environ, "ELMA_VENV": str(venv)}
@@ -143,7 +145,8 @@ def test_test_sh_counts_everything_and_fails_on_no_tests(tmp_path: Path) -> None
     assert result.returncode != 0
     assert lines[0] == "setup-ran"
     assert "ruff check ." in lines and "ruff format --check ." in lines
-    assert lines[-1] == "total: 4 passed, 2 failed, 1 skipped", result.stdout[-2000:]
+    assert lines[-1] == "total: 5 passed, 2 failed, 1 skipped", result.stdout[-2000:]
+    assert lines[-2] == "  notebook records (cpu, smoke, smoke-albert): 1 passed, 0 skipped"
     assert any("notebooks (nbval, smoke): FAILED, no tests collected" in line for line in lines)
     assert any("notebooks (nbval, smoke-albert): FAILED, no tests collected" in line for line in lines)
 
@@ -152,7 +155,7 @@ def test_test_sh_counts_everything_and_fails_on_no_tests(tmp_path: Path) -> None
     result = _run(["bash", script], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "total: 8 passed, 0 failed, 1 skipped"
+    assert lines[-1] == "total: 9 passed, 0 failed, 1 skipped"
     assert "  notebooks (nbval, smoke-albert): 2 passed, 0 skipped" in lines
 
     # a failing linter and a failing test each count, and the exit status says so
@@ -160,7 +163,7 @@ def test_test_sh_counts_everything_and_fails_on_no_tests(tmp_path: Path) -> None
     broken_ruff = _fake_venv(tmp_path / "b", {"ruff": "exit 1", "python": f'exec "{sys.executable}" "$@"'})
     result = _run(["bash", script], env={**env, "ELMA_VENV": str(broken_ruff)}, cwd=tmp_path)
     assert result.returncode != 0
-    assert result.stdout.strip().splitlines()[-1] == "total: 6 passed, 3 failed, 1 skipped"
+    assert result.stdout.strip().splitlines()[-1] == "total: 7 passed, 3 failed, 1 skipped"
 
     # set-up failure: nothing else runs
     (repo / "scripts" / "setup.sh").write_text("exit 1\n")

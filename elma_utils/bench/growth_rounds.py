@@ -64,7 +64,7 @@ def plot_rounds(rounds: Sequence[dict[str, Any]]):
             ax_f1.plot(x, [r[group]["device_f1"] for r in mine], linestyle="--", alpha=0.6,
                        label=f"device alone: {label}", **kw)  # fmt: skip
         for r in mine:  # what the device picked up, at the round it did
-            if r["round"] and r["sync"].get("picked_up"):
+            if r["round"] and (r.get("sync") or {}).get("picked_up"):
                 offload = r.get("offload") or {}
                 what = (f"E_offload {offload['learned']['E_offload']:.2f}" if offload.get("published")
                         else "retrained edge")  # fmt: skip
