@@ -99,13 +99,6 @@ class RoundsSettings:
         return options
 
 
-def _eval_set(path: Path, name: str) -> publish.EvalSet:
-    from elma_utils.squad.data import load_squad_file
-
-    ds = load_squad_file(path)
-    return publish.EvalSet(name, ds.examples, ds.raw, ds.version)
-
-
 def _offload_record(r: OffloadResult) -> dict[str, Any]:
     out = r.to_dict()
     out["decision"] = "publish" if r.published else "refuse"
@@ -232,6 +225,9 @@ def run_target(
     ) as dep:  # fmt: skip
         device = RoundDevice(dep, work / "device", settings.ask_entropy_threshold)
         store_path = dep.server.store.db.path
+        if settings.learn_offload:  # loaded once: the guard keeps the server's answers between rounds
+            calibration_set = publish.load_eval_set(calibration, "calibration")
+            guard_set = publish.load_eval_set(guard, "guard")
         same_weights: list[str] = []  # versions with the current weights (comparable entropies)
         asked_since = 0  # questions those versions were asked
         for index in range(len(domain.asked_rounds) + 1):
@@ -262,7 +258,7 @@ def run_target(
                 elif settings.learn_offload:
                     offload = grow_offload_threshold(
                         store_path, server_root, full_model_dir=full_model_dir,
-                        calibration=_eval_set(calibration, "calibration"), guard=_eval_set(guard, "guard"),
+                        calibration=calibration_set, guard=guard_set,
                         questions_asked=asked_since, model_versions=same_weights, device_ids=[dep.edge.device_id],
                         budget=settings.offload_budget, tolerance=settings.max_system_f1_loss,
                         on_candidate=lambda bundle: measure(bundle, sets),

@@ -63,6 +63,13 @@ class StoredOffload:
     disagreement: float  # 1 − F1(edge answer, server answer), 0..1
 
 
+def disagreement(edge: str, server: str) -> float:
+    """1 − F1 between the two answers (0 when they are the same text, "" for no answer included)."""
+    from elma_utils.squad.metrics import f1_score
+
+    return 0.0 if edge == server else 1.0 - f1_score(edge, server)
+
+
 def stored_offloads(
     store_path: str | Path, model_versions: Sequence[str] | None, device_ids: Sequence[str] | None = None
 ) -> list[StoredOffload]:
@@ -70,7 +77,6 @@ def stored_offloads(
     ``model_versions`` (None: any; entropies are comparable only between versions with the same
     weights) on one of ``device_ids`` (None: any). Offloads without entropies are skipped."""
     from elma_utils.server.store import HardQuestionStore
-    from elma_utils.squad.metrics import f1_score
 
     with HardQuestionStore(store_path) as store, store.db.read() as conn:
         rows = conn.execute(
@@ -88,9 +94,9 @@ def stored_offloads(
         entropies = json.loads(entropies)
         if not entropies:
             continue
-        server = "" if no_answer else server_text
-        same = edge_text == server or f1_score(edge_text, server) == 1.0
-        out.append(StoredOffload(float(entropies[-1]), 0.0 if same else 1.0 - f1_score(edge_text, server)))
+        out.append(
+            StoredOffload(float(entropies[-1]), disagreement(edge_text, "" if no_answer else server_text))
+        )
     return out
 
 
@@ -228,7 +234,7 @@ def calibration_gain(
     against the gold answers."""
     from elma_utils.early_exit.policies import NeverExit
     from elma_utils.edge.runtime import EdgeModel
-    from elma_utils.squad.metrics import f1_score, per_question_scores
+    from elma_utils.squad.metrics import per_question_scores
 
     model = EdgeModel.load(bundle)
     answers = model.answer_features(
@@ -242,7 +248,7 @@ def calibration_gain(
     out = gain_per_disagreement(
         [edge_scores[i][1] for i in ids],
         [server_scores[i][1] for i in ids],
-        [0.0 if edge[i] == server[i] else 1.0 - f1_score(edge[i], server[i]) for i in ids],
+        [disagreement(edge[i], server[i]) for i in ids],
     )
     return {**out, "entropy_above": floor, "of_questions": len(calibration.examples)}
 

@@ -464,7 +464,8 @@ def _with_server_answers(eval_sets: list[EvalSet], full_model_dir: Path, cache_d
             s.server_answers = server_answers_for(full_model_dir, s.examples, cache_dir)
 
 
-def _load_set(path: Path, name: str, limit: int | None = None) -> EvalSet:
+def load_eval_set(path: Path, name: str, limit: int | None = None) -> EvalSet:
+    """The first ``limit`` questions of a SQuAD json as an ``EvalSet`` named ``name``."""
     from elma_utils.squad.data import load_squad_file
 
     ds = load_squad_file(path, limit=limit)
@@ -494,11 +495,13 @@ def _grown_data(
         summary = store.export_squad(
             run_dir / "train.json", run_dir / "eval.json", eval_fraction, seed, version=squad_version
         )
-    eval_sets = [_load_set(run_dir / "eval.json", "store_eval")] if summary.eval_questions else []
+    eval_sets = [load_eval_set(run_dir / "eval.json", "store_eval")] if summary.eval_questions else []
     if dev_eval is not None:
-        eval_sets.append(_load_set(Path(dev_eval), "dev", dev_limit))
-    stored = _load_set(run_dir / "train.json", "store_train").examples if summary.train_questions else []
-    original = _load_set(Path(original_train), "original", original_limit).examples if original_train else []
+        eval_sets.append(load_eval_set(Path(dev_eval), "dev", dev_limit))
+    stored = load_eval_set(run_dir / "train.json", "store_train").examples if summary.train_questions else []
+    original = (
+        load_eval_set(Path(original_train), "original", original_limit).examples if original_train else []
+    )
     return _GrownData(stored + original, eval_sets, len(stored), len(original))
 
 
@@ -649,7 +652,9 @@ def retrain_edge(
             "questions; both are needed"
         )
         return _finish(result, run_dir, t0)
-    calibration_set = _load_set(Path(calibration), "calibration", calibration_limit) if calibration else None
+    calibration_set = (
+        load_eval_set(Path(calibration), "calibration", calibration_limit) if calibration else None
+    )
     candidate, candidate_exits, result.train, result.recalibration = _train_candidate(
         exits, full_model_dir, manifest, for_new_weights(read_thresholds(current)), data.train, run_dir, mode=mode,
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed, verbose=verbose,
