@@ -105,6 +105,9 @@ class Profile:
     growth_calibration_questions: int = 16  # other articles' questions choosing a retrained edge's E_T
     growth_guard_questions: int = 16  # other articles' questions with real labels in the gate
     growth_order: str = "interleaved"  # how an article's questions arrive: "interleaved" or "document"
+    # other articles' labelled questions the server prices an offload on (None: every question
+    # of the articles the other groups leave over)
+    growth_offload_pool_questions: int | None = 16
     growth_replay_questions: int = 16  # original training questions replayed in every retraining
     growth_epochs: float = 1.0  # epochs of each retraining
     # what a round retrains, each from the same start (server.growth_rounds.RETRAIN_TARGETS)
@@ -154,6 +157,7 @@ REAL_GROWTH_ROUNDS = {
     "growth_calibration_questions": 600,
     "growth_guard_questions": 400,
     "growth_order": "interleaved",
+    "growth_offload_pool_questions": None,
     "growth_replay_questions": 1500,
     "growth_epochs": 2.0,
     "growth_targets": ("exits", "exits+layers"),

@@ -49,13 +49,14 @@ def test_interleaved_timeline_asks_every_paragraph_first_and_keeps_later_questio
 
 def test_split_by_article_has_no_overlap_and_the_later_questions_are_never_asked(dev_v11):
     sizes = DomainSizes(articles=3, paragraphs_per_article=None, rounds=3, other_questions=150,
-                        calibration_questions=120, guard_questions=90)  # fmt: skip
+                        calibration_questions=120, guard_questions=90, offload_pool_questions=None)  # fmt: skip
     d = split_domain(dev_v11.examples, sizes, seed=1)
     titles = {
         "deployment": set(d.deployment_articles),
         "other": {e.title for e in d.other},
         "calibration": {e.title for e in d.calibration},
         "guard": {e.title for e in d.guard},
+        "offload_pool": {e.title for e in d.offload_pool},
     }
     names = list(titles)
     for i, a in enumerate(names):  # by article: no article in two groups
@@ -67,6 +68,14 @@ def test_split_by_article_has_no_overlap_and_the_later_questions_are_never_asked
     everything = [e for e in dev_v11.examples if e.title in titles["deployment"]]
     assert asked | later == {e.qas_id for e in everything}
     assert (len(d.other), len(d.calibration), len(d.guard)) == (150, 120, 90)
+    # the pool: every question of the articles left over, whole articles
+    left = set(dev_v11_titles(dev_v11)) - set().union(*(titles[k] for k in names if k != "offload_pool"))
+    assert titles["offload_pool"] == left and len(left) >= 30
+    assert len(d.offload_pool) == sum(e.title in left for e in dev_v11.examples)
+    assert [e.qas_id for e in d.gain_questions] == [e.qas_id for e in d.calibration + d.offload_pool]
+    assert d.describe()["offload_pool"] == len(d.offload_pool)
+    capped = split_domain(dev_v11.examples, dataclasses.replace(sizes, offload_pool_questions=50), seed=1)
+    assert len(capped.offload_pool) == 50 and capped.guard == d.guard
     # time: every paragraph with two questions or more keeps some for later; rounds are consecutive
     per_paragraph = collections.Counter(e.context_id for e in everything)
     later_paragraphs = {e.context_id for e in d.later}
@@ -77,6 +86,10 @@ def test_split_by_article_has_no_overlap_and_the_later_questions_are_never_asked
     assert split_domain(dev_v11.examples, sizes, seed=1).describe() == d.describe()  # seeded
 
 
+def dev_v11_titles(dev) -> list[str]:
+    return sorted({e.title for e in dev.examples})
+
+
 def test_split_refuses_sizes_the_file_cannot_fill(dev_v11):
     with pytest.raises(ValueError, match="articles"):
         split_domain(dev_v11.examples, DomainSizes(articles=46))
@@ -84,6 +97,8 @@ def test_split_refuses_sizes_the_file_cannot_fill(dev_v11):
         split_domain(dev_v11.examples, DomainSizes(articles=2, other_questions=5000, guard_questions=9000))
     with pytest.raises(ValueError, match="asked_fraction"):
         DomainSizes(asked_fraction=1.0)
+    with pytest.raises(ValueError, match="offload_pool_questions"):
+        DomainSizes(offload_pool_questions=-1)
 
 
 def test_sizes_come_from_the_profile_and_a_smoke_profile_keeps_the_smoke_sizes(dev_v11):
@@ -95,11 +110,13 @@ def test_sizes_come_from_the_profile_and_a_smoke_profile_keeps_the_smoke_sizes(d
     cpu = DomainSizes.from_profile(PROFILES["cpu"])
     assert (cpu.articles, cpu.paragraphs_per_article, cpu.rounds, cpu.guard_questions) == (12, None, 3, 400)
     assert PROFILES["cpu"].growth_targets == ("exits", "exits+layers")
+    assert cpu.offload_pool_questions is None  # every question the other groups leave over
     assert DomainSizes.from_profile(PROFILES["cpu"], rounds=2, order=None) == dataclasses.replace(
         cpu, rounds=2
     )
     d = split_domain(dev_v11.examples, cpu, seed=0)  # the cpu sizes fit in dev-v1.1
     assert len(d.deployment_articles) == 12 and len(d.asked_rounds) == 3 and len(d.guard) == 400
+    assert len(d.offload_pool) > 4000  # the rest of dev-v1.1: enough questions above E_T to price one
 
 
 # -- the gate prices what it changes -------------------------------------------------------------------
@@ -322,7 +339,15 @@ def test_a_learned_offload_threshold_is_published_and_the_device_answers_more_it
     # zeroed exit heads: every stored offload has the same last-layer entropy (the uniform one)
     assert learned["E_offload"] >= learned["E_T"] == 0.97
     assert learned["stored_offloads"] == r["offloaded"] > 0 and learned["kept_on_device"] == r["offloaded"]
-    assert learned["questions_asked"] == r["asked"]
+    # the denominator is what the device reported asking (edge.asked), through the real client:
+    # every question of the round, unless the last ones fell back and wait in the outbox
+    device = f"growth-{r['target']}"
+    assert o["asked_by_device"] == {device: learned["questions_asked"]} and o["left_out_devices"] == []
+    if r["fallbacks"] == 0:
+        assert learned["questions_asked"] == r["asked"]
+    assert r["offloaded"] <= learned["questions_asked"] <= r["asked"]
+    # what a disagreement is worth was priced on the calibration questions and the offload pool
+    assert o["gain"]["of_questions"] == 8 + 16
     assert {"ratio", "upper", "disagreements"} <= set(o["gain"])
     assert [c["check"] for c in o["gate"]["checks"]] == ["system_f1", "share_solved"]
     # judged against the same weights without E_offload, on the guard questions

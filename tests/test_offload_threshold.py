@@ -18,9 +18,13 @@ from elma_utils.server.offload_threshold import (
     OFFLOAD_KEY,
     StoredOffload,
     gain_per_disagreement,
+    learn_from_store,
     learn_offload_threshold,
     offload_candidate,
+    reported_questions,
+    same_weights_versions,
     stored_offloads,
+    weights_fingerprint,
 )
 from elma_utils.server.store import HardQuestionStore
 
@@ -219,3 +223,94 @@ def test_learned_record_is_json(tmp_path):
     learned = learn_offload_threshold(rows, 50, 0.3, e_t=0.45)
     assert json.loads(json.dumps(learned))[OFFLOAD_KEY] == learned[OFFLOAD_KEY]
     assert dataclasses.asdict(rows[0]) == {"entropy": 0.5, "disagreement": 0.0}
+
+
+# -- the devices report what they asked: the denominator of the price -----------------------------------------
+def test_edge_asked_is_checked_round_trips_and_is_signed_only_when_set(tmp_path):
+    from elma_utils.edge.identity import DeviceRegistry, sign_request, signed_content
+    from elma_utils.edge.protocol import ProtocolError, decode, encode
+    from elma_utils.edge.ssh_keys import generate_ed25519_key, public_key_line
+
+    for bad in (0, -3, True, 1.5, "7", 10**10):
+        with pytest.raises(ProtocolError, match="edge.asked"):
+            EdgeResult(text="x", model_version="v", asked=bad)
+    request = ask(1, "Paris", (0.9, 0.7))
+    counted = dataclasses.replace(request, edge=dataclasses.replace(request.edge, asked=41))
+    assert decode(encode(counted)).edge.asked == 41 and decode(encode(request)).edge.asked is None
+    # a request without the count signs the very bytes it signed before the field existed
+    assert b"asked" not in signed_content(request) and b'"asked":41' in signed_content(counted)
+    key = generate_ed25519_key(tmp_path / "k", comment="d1")
+    (tmp_path / "authorized_keys").write_text(public_key_line(key, "d1") + "\n")
+    registry = DeviceRegistry(tmp_path / "authorized_keys")
+    signed = sign_request(counted, key)
+    registry.verify(decode(encode(signed)))
+    registry.verify(decode(encode(sign_request(request, key))))  # a device that sends no count
+    # a count changed on the way (to make keeping questions look cheaper) breaks the signature
+    inflated = dataclasses.replace(signed, edge=dataclasses.replace(signed.edge, asked=4100))
+    with pytest.raises(ProtocolError, match="forbidden"):
+        registry.verify(inflated)
+
+
+def counted_ask(i: int, device: str, version: str, asked: int | None, entropy: float = 0.8) -> AskRequest:
+    edge = EdgeResult(text="Paris", model_version=version, entropies=(0.9, entropy), asked=asked)
+    return AskRequest(id=f"c{i}", device_id=device, question=f"Question {i}?", edge=edge, context=CONTEXTS[0])
+
+
+def test_the_store_keeps_each_devices_largest_count_never_below_its_offloads(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "store.sqlite3"
+    with HardQuestionStore(path) as store:
+        for i, (device, version, asked) in enumerate(
+            [("d1", "v1", 5), ("d1", "v1", 12), ("d1", "v1", 9),  # out of order: the largest stays
+             ("d1", "v2", 3), ("d2", "v1", None), ("d2", "v1", None), ("d3", "v1", 1)]
+        ):  # fmt: skip
+            request = counted_ask(i, device, version, asked)
+            store.record(request, make_answer(request, "Paris"))
+        store.record(request, make_answer(request, "Paris"))  # a retry changes nothing
+        # d3 said 1, but two of its offloads are stored: the count is never below them
+        request = counted_ask(99, "d3", "v1", 1)
+        store.record(request, make_answer(request, "Paris"))
+        assert store.questions_asked(["v1"]) == {"d1": {"v1": 12}, "d2": {"v1": None}, "d3": {"v1": 2}}
+        assert store.questions_asked(["v1", "v2"])["d1"] == {"v1": 12, "v2": 3}
+        assert store.questions_asked([]) == {}
+    counted, left_out = reported_questions(path, ["v1", "v2"])
+    assert counted == {"d1": 15, "d3": 2} and left_out == ["d2"]  # no count: left out, not guessed
+    assert reported_questions(path, ["v1"], ["d3"]) == ({"d3": 2}, [])
+    # a store written before the counts existed gets the table when it is opened again
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE device_counts")
+    with HardQuestionStore(path) as store:
+        assert store.questions_asked(["v1"]) == {"d1": {"v1": None}, "d2": {"v1": None}, "d3": {"v1": None}}
+        request = counted_ask(100, "d1", "v1", 30)
+        store.record(request, make_answer(request, "Paris"))
+        assert store.questions_asked(["v1"])["d1"] == {"v1": 30}
+
+
+def test_versions_that_differ_only_in_thresholds_are_priced_together(tmp_path, minilm_tokenizer):
+    from elma_utils.server import publish
+
+    root = tmp_path / "root"
+    first = write_tiny_bundle(tmp_path / "b0", minilm_tokenizer, entropy_threshold=0.5)
+    v1 = publish.publish_bundle(first, root)
+    learned = {OFFLOAD_KEY: 0.7, COST_KEY: 0.1}
+    v2 = publish.publish_bundle(offload_candidate(first, tmp_path / "cand" / "candidate", learned), root)
+    v3 = publish.publish_bundle(write_tiny_bundle(tmp_path / "b1", minilm_tokenizer, 0.5, seed=1), root)
+    bundles = publish.bundles_dir(root)
+    assert weights_fingerprint(bundles / v1) == weights_fingerprint(bundles / v2)
+    assert weights_fingerprint(bundles / v1) != weights_fingerprint(bundles / v3)
+    assert same_weights_versions(root, v2) == [v2, v1] and same_weights_versions(root, v3) == [v3]
+    # nobody reported a count: nothing is learned, and the record says why
+    store = tmp_path / "store.sqlite3"
+    with HardQuestionStore(store) as s:
+        request = counted_ask(0, "old-device", v3, None)
+        s.record(request, make_answer(request, "Paris"))
+    result = learn_from_store(
+        store,
+        root,
+        full_model_dir=tmp_path,
+        calibration=None,
+        guard=None,  # never read: nothing to price
+    )
+    assert not result.published and result.left_out_devices == ["old-device"]
+    assert "no device reported" in result.reason and "old-device" in result.reason

@@ -433,6 +433,79 @@ def test_growth_step_records_kept_failed_and_waits_for_its_lock(template, tmp_pa
     assert GrowthSupervisor(unpublished, layout.store, failing.check()).run("test: nothing published") is None
 
 
+def test_growth_step_learns_an_offload_threshold_from_what_devices_reported(
+    template, tmp_path, monkeypatch, dev_v11
+):
+    """The supervisor's real step, when the retrained edge is refused (it must win by 100
+    points), learns E_offload from the stored offloads over the questions dev1 reported asking,
+    leaves out a device that sent no count, publishes the same weights with it (gate on the
+    ``dev_eval`` questions) and records it as the run's outcome."""
+    from elma_utils.edge.runtime import EdgeModel
+    from elma_utils.export.bundle import read_thresholds
+    from elma_utils.server.growth import GrowthSettings, GrowthSupervisor
+    from elma_utils.server.offload_threshold import weights_fingerprint
+    from elma_utils.squad.data import examples_to_squad_json
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    root = fresh_root(template, tmp_path)
+    layout = ServerLayout(root)
+    # the zeroed edge's last-layer entropy (the uniform one) is what the device would report
+    h = EdgeModel.load(template.bundle).answer(*reversed(qa(0))).entropies[-1]
+    with HardQuestionStore(layout.store) as store:
+        for i in range(6):  # dev1 asked 40 questions and offloaded these 6, all agreeing with the server
+            edge = EdgeResult(text="the Loire", model_version=template.v1, entropies=(h, h), asked=5 + 7 * i)
+            request = AskRequest(f"g{i}", "dev1", qa(i)[0], edge, context=qa(i)[1])
+            store.record(request, AnswerReply(request.id, "the Loire", 0.5, False, "m", 1.0))
+        old = EdgeResult(text="x", model_version=template.v1, entropies=(h, h))  # a device without counts
+        store.record(AskRequest("o1", "old-tx2", qa(1)[0], old, context=qa(1)[1]),
+                     AnswerReply("o1", "y", 0.5, False, "m", 1.0))  # fmt: skip
+    examples = [e for e in dev_v11.examples if not e.is_impossible]
+    sets = {}
+    for name, part in (("calibration", examples[:8]), ("dev_eval", examples[8:16])):
+        sets[name] = tmp_path / f"{name}.json"
+        sets[name].write_text(json.dumps(examples_to_squad_json(part)))
+    settings = GrowthSettings(
+        after=1, full_model=template.full,
+        options={"calibration": str(sets["calibration"]), "dev_eval": str(sets["dev_eval"]),
+                 "squad_version": "1.1", "tolerance": -100.0, "epochs": 1.0, "batch_size": 4},
+        offload={"budget": 100.0, "tolerance": 100.0},
+    ).check()  # fmt: skip
+    run = GrowthSupervisor(root, layout.store, settings).run("test: offload threshold")
+    latest = publish.read_latest(root)
+    assert run["outcome"] == "published" and run["version"] == latest.version != template.v1, run
+    assert "E_offload" in run["reason"] and "the retrained edge was refused" in run["reason"]
+    assert run["numbers"]["E_offload"] == pytest.approx(h)
+    result = json.loads(Path(run["result"]).read_text())
+    offload = result["offload"]
+    assert offload["asked_by_device"] == {"dev1": 40} and offload["left_out_devices"] == ["old-tx2"]
+    assert offload["learned"]["questions_asked"] == 40 and offload["learned"]["stored_offloads"] == 6
+    assert offload["learned"]["kept_on_device"] == 6 and offload["learned"]["E_offload_cost"] == 0.0
+    published = publish.bundles_dir(root) / latest.version
+    assert read_thresholds(published)["E_offload"] == pytest.approx(h)
+    assert weights_fingerprint(published) == weights_fingerprint(publish.bundles_dir(root) / template.v1)
+    assert latest.notes["previous"] == template.v1
+
+    off = GrowthSettings(after=1, offload={"learn": False}).check()  # turned off: only the retraining
+    kept = GrowthSupervisor(root, layout.store, off).run("test: offload step off")
+    assert kept["outcome"] == "kept" and "offload" not in json.loads(Path(kept["result"]).read_text())
+    with pytest.raises(ValueError, match="offload setting budget"):
+        GrowthSettings(after=1, offload={"budget": -1}).check()
+    with pytest.raises(ValueError, match="unknown offload setting"):
+        GrowthSettings(after=1, offload={"budgte": 1}).check()
+
+
+def test_growth_config_sets_the_offload_step_and_refuses_bad_values(tmp_path):
+    from elma_utils.server.growth import OFFLOAD_DEFAULTS, load_config
+
+    config = tmp_path / "growth.toml"
+    config.write_text("after = 3\n[offload]\nbudget = 0.5\n")
+    assert load_config(config)["offload"] == {**OFFLOAD_DEFAULTS, "budget": 0.5}
+    for bad, needle in (("learn = 1", "learn must be true or false"), ("tolerence = 1", "unknown offload")):
+        config.write_text(f"after = 3\n[offload]\n{bad}\n")
+        with pytest.raises(ValueError, match=needle):
+            load_config(config)
+
+
 def test_growth_loop_publishes_by_itself_while_answers_keep_coming(template, tmp_path):
     """`--grow-after 8`: the eighth stored question starts a real retrain (distil → gate →
     publish) in a niced process; questions asked while it runs are all answered; the new

@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", type=int, help="other-article questions choosing E_T")
     p.add_argument("--guard", type=int, help="other-article questions in the gate's held-out set")
     p.add_argument("--order", choices=["interleaved", "document"])
+    p.add_argument(
+        "--offload-pool", type=int, help="other-article questions pricing an offload (0: every one left over)"
+    )
     p.add_argument("--replay", type=int, default=None, help="original training questions per retraining")
     p.add_argument("--epochs", type=float, default=None, help="default: the profile's")
     p.add_argument("--batch-size", type=int, default=None)
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if paragraphs is not None:
         sizes = dataclasses.replace(sizes, paragraphs_per_article=paragraphs or None)
+    if args.offload_pool is not None:
+        sizes = dataclasses.replace(sizes, offload_pool_questions=args.offload_pool or None)
     domain = split_domain(load_squad("1.1", "dev", data_dir=args.data_dir).examples, sizes, seed=args.seed)
     n_replay = args.replay if args.replay is not None else P.growth_replay_questions
     replay = replay_questions(P, n_replay, args.data_dir, seed=args.seed)

@@ -102,13 +102,24 @@ class EdgeQA:
         self._prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}"
         self._known_contexts: set[str] = set()
         self._lock = threading.Lock()
+        self._counted: tuple[str, int] = (self.model_version, 0)  # questions answered with that version
 
     def _next_id(self) -> str:
         with self._lock:
             return f"{self._prefix}-{next(self._ids)}"
 
+    def _count_question(self) -> tuple[str, int]:
+        """One more question answered with the current model version (counting restarts when a
+        sync swaps the version in); the server prices an offload threshold with it."""
+        with self._lock:
+            version, n = self._counted
+            n = n + 1 if version == self.model_version else 1
+            self._counted = (self.model_version, n)
+            return self._counted
+
     def answer(self, question: str, context: str) -> EdgeQAResult:
         t0 = time.perf_counter()
+        version, asked = self._count_question()
         local = self.edge.answer(question, context)
         edge_ms = (time.perf_counter() - t0) * 1000
         result = EdgeQAResult(
@@ -128,7 +139,7 @@ class EdgeQA:
             id=self._next_id(),
             device_id=self.device_id,
             question=question,
-            edge=EdgeResult.from_answer(local, self.model_version),
+            edge=EdgeResult.from_answer(local, version, asked=asked),
             context=context,
             deadline_ms=self.deadline_ms,
         )

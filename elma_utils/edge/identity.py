@@ -40,6 +40,16 @@ log = logging.getLogger(__name__)
 SIGNATURE_DOMAIN = b"elma-ask-signature-v1\n"
 
 
+def _edge_content(request: AskRequest) -> dict:
+    """The edge result as signed: ``asked`` only when set, so that a request without it signs
+    the same bytes as before the field existed (older devices stay valid; a device that sends
+    it needs a server that knows it: upgrade the server first)."""
+    edge = asdict(request.edge)
+    if edge.get("asked") is None:
+        edge.pop("asked", None)
+    return edge
+
+
 def signed_content(request: AskRequest) -> bytes:
     """The bytes a device signs for ``request`` (identical on both ends)."""
     content = {
@@ -47,7 +57,7 @@ def signed_content(request: AskRequest) -> bytes:
         "device_id": request.device_id,
         "question": request.question,
         "context_sha256": request.ref,
-        "edge": asdict(request.edge),
+        "edge": _edge_content(request),
     }
     text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return SIGNATURE_DOMAIN + text.encode("utf-8")

@@ -193,7 +193,10 @@ class EdgeResult:
 
     ``start``/``end`` are character offsets of ``text`` in the context, null when the edge
     had no span; ``exit_layer`` is the 1-based layer that answered (null: none did);
-    ``entropies`` has one span entropy per computed layer.
+    ``entropies`` has one span entropy per computed layer. ``asked`` (optional, signed when
+    set): how many questions the device has answered with ``model_version`` so far, this one
+    included, settled ones too: the server needs it to price an offload threshold
+    (``server.offload_threshold``); a device that does not send it is left out of that.
     """
 
     text: str
@@ -202,6 +205,7 @@ class EdgeResult:
     end: int | None = None
     exit_layer: int | None = None
     entropies: tuple[float, ...] = ()
+    asked: int | None = None
 
     def __post_init__(self) -> None:
         _text("edge.text", self.text, MAX_TEXT_CHARS)
@@ -216,9 +220,10 @@ class EdgeResult:
             raise _bad(f"field 'edge.entropies' has {len(self.entropies)} entries; the limit is {MAX_LAYERS}")
         entropies = tuple(_float(f"edge.entropies[{i}]", h, 0.0) for i, h in enumerate(self.entropies))
         _set(self, "entropies", entropies)
+        _optional(_int, "edge.asked", self.asked, 1, MAX_OFFSET)
 
     @classmethod
-    def from_answer(cls, answer: _AnswerLike, model_version: str) -> EdgeResult:
+    def from_answer(cls, answer: _AnswerLike, model_version: str, asked: int | None = None) -> EdgeResult:
         """From an ``EarlyExitAnswer``/``EdgeAnswer``; its ``NO_SPAN`` (-1, -1) becomes null."""
         has_span = answer.char_start >= 0 and answer.char_end >= answer.char_start
         return cls(
@@ -228,6 +233,7 @@ class EdgeResult:
             end=int(answer.char_end) if has_span else None,
             exit_layer=int(answer.exit_layer) if answer.exit_layer >= 1 else None,
             entropies=tuple(float(h) for h in answer.entropies),
+            asked=asked,
         )
 
 

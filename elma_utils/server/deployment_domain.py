@@ -9,7 +9,10 @@ on train-v1.1 questions only), split **by article**:
   later part is never asked: it only measures what the growth loop changed.
 - *other articles*: every other article, for three disjoint jobs, each on its own articles:
   ``other`` measures forgetting, ``calibration`` chooses a retrained edge's E_T, ``guard``
-  is the gate's held-out set with real labels.
+  is the gate's held-out set with real labels; the articles left over (``offload_pool``,
+  whole articles, none shared with the others) are labelled questions the server holds for
+  pricing an offload: few questions lie in the uncertain region above E_T (5 % of them), so
+  learning what a disagreement there is worth needs many.
 
 Time order inside a deployment article (``order``): ``"interleaved"`` (default) takes the
 first question of every paragraph, then the second of every paragraph, and so on, so the
@@ -48,6 +51,9 @@ class DomainSizes:
     calibration_questions: int = 16  # other articles: a retrained edge's E_T is chosen on them
     guard_questions: int = 16  # other articles: the gate's held-out questions with real labels
     order: str = "interleaved"
+    # other articles' questions for pricing an offload (server.offload_threshold); None: every
+    # question of the articles the other three groups leave over
+    offload_pool_questions: int | None = 16
 
     def __post_init__(self) -> None:
         if self.articles < 1:
@@ -63,6 +69,8 @@ class DomainSizes:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.offload_pool_questions is not None and self.offload_pool_questions < 0:
+            raise ValueError(f"offload_pool_questions must be at least 0, got {self.offload_pool_questions}")
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: Any) -> DomainSizes:
@@ -77,6 +85,7 @@ class DomainSizes:
             calibration_questions=profile.growth_calibration_questions,
             guard_questions=profile.growth_guard_questions,
             order=profile.growth_order,
+            offload_pool_questions=profile.growth_offload_pool_questions,
         )
         return replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -93,6 +102,13 @@ class DeploymentDomain:
     calibration: list
     guard: list
     other_articles: dict[str, list[str]] = field(default_factory=dict)  # job -> its articles
+    offload_pool: list = field(default_factory=list)  # labelled, for pricing an offload
+
+    @property
+    def gain_questions(self) -> list:
+        """Every labelled other-article question the server may price an offload on: the
+        calibration questions and the offload pool (never the guard, which judges the result)."""
+        return self.calibration + self.offload_pool
 
     @property
     def asked(self) -> list:
@@ -110,6 +126,7 @@ class DeploymentDomain:
             "other": len(self.other),
             "calibration": len(self.calibration),
             "guard": len(self.guard),
+            "offload_pool": len(self.offload_pool),
             "other_articles": {k: list(v) for k, v in self.other_articles.items()},
         }
 
@@ -164,7 +181,8 @@ def split_domain(examples: Sequence, sizes: DomainSizes, seed: int = 0) -> Deplo
 
     Deployment articles are a seeded sample of the articles; the other articles, in a seeded
     order, fill ``other``, then ``calibration``, then ``guard``, whole articles each (the last
-    one cut at the quota). Raises ValueError when there are too few articles."""
+    one cut at the quota); the articles left after them fill ``offload_pool`` (whole articles,
+    up to ``offload_pool_questions``). Raises ValueError when there are too few articles."""
     articles = _by_key([e for e in examples if not getattr(e, "synthetic", False)], lambda e: e.title)
     titles = sorted(articles)
     rng = random.Random(seed)
@@ -189,10 +207,11 @@ def split_domain(examples: Sequence, sizes: DomainSizes, seed: int = 0) -> Deplo
         raise ValueError(f"{len(timeline)} asked questions cannot fill {sizes.rounds} rounds")
     rest = [t for t in titles if t not in set(deployment)]
     rng.shuffle(rest)
-    groups: dict[str, list] = {"other": [], "calibration": [], "guard": []}
+    groups: dict[str, list] = {"other": [], "calibration": [], "guard": [], "offload_pool": []}
     used: dict[str, list[str]] = {k: [] for k in groups}
+    pool_quota = len(examples) if sizes.offload_pool_questions is None else sizes.offload_pool_questions
     quota = {"other": sizes.other_questions, "calibration": sizes.calibration_questions,
-             "guard": sizes.guard_questions}  # fmt: skip
+             "guard": sizes.guard_questions, "offload_pool": pool_quota}  # fmt: skip
     names = iter(groups)
     job = next(names)
     for title in rest:
@@ -202,10 +221,10 @@ def split_domain(examples: Sequence, sizes: DomainSizes, seed: int = 0) -> Deplo
             break
         groups[job] += articles[title][: quota[job] - len(groups[job])]
         used[job].append(title)
-    short = [k for k in groups if len(groups[k]) < quota[k]]
+    short = [k for k in ("other", "calibration", "guard") if len(groups[k]) < quota[k]]
     if short:
         raise ValueError(f"the other articles cannot fill {', '.join(short)}: ask for fewer questions")
     return DeploymentDomain(
         sizes, deployment, _chunks(timeline, sizes.rounds), later, groups["other"], groups["calibration"],
-        groups["guard"], used,
+        groups["guard"], used, groups["offload_pool"],
     )  # fmt: skip

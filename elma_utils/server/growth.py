@@ -25,6 +25,14 @@ stored after it count toward the next run. The step gets its inputs from the env
 ``retrain_edge`` keyword arguments) and writes its result as JSON to ``ELMA_GROWTH_RESULT``;
 a custom step (``--grow-command``) gets the same. Exit status 0: published, 3: kept the
 current version, anything else: failed.
+
+When the retrained edge is refused, the default step tries the other thing the store can
+teach (``server.offload_threshold.learn_from_store``): the offload threshold ``E_offload``
+the devices should use, priced from the stored offloads over the questions the devices
+reported asking, on the growth options' ``calibration`` (what a disagreement is worth) and
+``dev_eval`` (the gate) questions; the same weights with it are published when the gate
+agrees. ``ELMA_GROWTH_OFFLOAD`` (JSON ``{"learn", "budget", "tolerance"}``, the config's
+``[offload]`` table) sets it; ``learn = false`` turns it off.
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ log = logging.getLogger(__name__)
 EXIT_PUBLISHED, EXIT_FAILED, EXIT_KEPT = 0, 1, 3
 ENV_STORE, ENV_ROOT, ENV_FULL_MODEL = "ELMA_STORE", "ELMA_SERVER_ROOT", "ELMA_FULL_MODEL"
 ENV_OPTIONS, ENV_RESULT = "ELMA_GROWTH_OPTIONS", "ELMA_GROWTH_RESULT"
+ENV_OFFLOAD = "ELMA_GROWTH_OFFLOAD"
+# the offload-threshold step after a refused retraining: on, within 0.3 F1 (estimated, and on the gate)
+OFFLOAD_DEFAULTS: dict[str, Any] = {"learn": True, "budget": 0.3, "tolerance": 0.3}
 NICENESS = 19
 STOPPED = "the server stopped during the run"
 # retrain_edge's own arguments, given by the supervisor, not by the options
@@ -107,6 +118,24 @@ def check_options(options: dict[str, Any], base: Path | None = None) -> dict[str
     return out
 
 
+def check_offload(offload: dict[str, Any]) -> dict[str, Any]:
+    """The offload-threshold settings (``OFFLOAD_DEFAULTS`` filled in); ValueError saying what is wrong."""
+    unknown = sorted(set(offload) - set(OFFLOAD_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"unknown offload setting(s) {', '.join(unknown)}; use {', '.join(sorted(OFFLOAD_DEFAULTS))}"
+        )
+    out = {**OFFLOAD_DEFAULTS, **offload}
+    if not isinstance(out["learn"], bool):
+        raise ValueError(f"offload setting learn must be true or false, got {out['learn']!r}")
+    for name in ("budget", "tolerance"):
+        value = out[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+            raise ValueError(f"offload setting {name} must be F1 points between 0 and 100, got {value!r}")
+        out[name] = float(value)
+    return out
+
+
 @dataclass
 class GrowthSettings:
     """When the growth loop runs and what its step does."""
@@ -115,6 +144,7 @@ class GrowthSettings:
     every_s: float | None = None  # or this often, when there are new ones
     full_model: Path | None = None  # retrain_edge(full_model_dir=): the backbone the exits sit on
     options: dict[str, Any] = field(default_factory=dict)  # retrain_edge keyword arguments
+    offload: dict[str, Any] = field(default_factory=dict)  # the offload-threshold step (OFFLOAD_DEFAULTS)
     command: list[str] | None = None  # the step; default: python -m elma_utils.server.growth run
     check_s: float = 5.0  # how often the schedule is looked at (a stored question wakes it at once)
     stop_timeout_s: float = 10.0  # a step interrupted by shutdown: SIGTERM, then SIGKILL after this
@@ -134,6 +164,7 @@ class GrowthSettings:
         if self.max_run_s is not None and not self.max_run_s > 0:
             raise ValueError(f"max_run_seconds must be a positive number, got {self.max_run_s}")
         self.options = check_options(self.options)
+        self.offload = check_offload(self.offload)
         return self
 
     def describe(self) -> dict[str, Any]:
@@ -154,13 +185,18 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"growth config {path} not found") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"growth config {path}: {exc}") from exc
-    allowed = {"after", "every", "full_model", "command", "max_run_seconds", "retrain"}
+    allowed = {"after", "every", "full_model", "command", "max_run_seconds", "retrain", "offload"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ValueError(
             f"growth config {path}: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(allowed))}"
         )
     out: dict[str, Any] = {"options": check_options(dict(raw.get("retrain", {})), path.parent)}
+    if "offload" in raw:
+        try:
+            out["offload"] = check_offload(dict(raw["offload"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"growth config {path}: [offload]: {exc}") from exc
     if "after" in raw:
         out["after"] = raw["after"]
     if "every" in raw:
@@ -209,6 +245,8 @@ def _numbers(result: dict) -> dict[str, Any]:
         "E_T": recal.get("E_T"),
         "retrain_seconds": result.get("seconds"),
         "run_dir": result.get("run_dir"),
+        "E_offload": ((result.get("offload") or {}).get("learned") or {}).get("E_offload"),
+        "offload_reason": (result.get("offload") or {}).get("reason"),
     }
 
 
@@ -346,6 +384,7 @@ class GrowthSupervisor:
                 ENV_STORE: str(self.store_path.resolve()),
                 ENV_ROOT: str(self.layout.root.resolve()),
                 ENV_OPTIONS: json.dumps(self.settings.options),
+                ENV_OFFLOAD: json.dumps(check_offload(self.settings.offload)),
                 ENV_RESULT: str(result),
             }
         )
@@ -505,6 +544,9 @@ def run_step(argv: list[str] | None = None) -> int:
     p.add_argument("--full-model", default=os.environ.get(ENV_FULL_MODEL))
     p.add_argument("--options", default=os.environ.get(ENV_OPTIONS, "{}"), help="retrain_edge options, JSON")
     p.add_argument("--result", default=os.environ.get(ENV_RESULT))
+    p.add_argument(
+        "--offload", default=os.environ.get(ENV_OFFLOAD, "{}"), help="offload-threshold settings, JSON"
+    )
     args = p.parse_args(argv)
     if not args.store or not args.server_root:
         p.error(f"needs --store and --server-root (or ${ENV_STORE} and ${ENV_ROOT})")
@@ -520,15 +562,53 @@ def run_step(argv: list[str] | None = None) -> int:
         from elma_utils.server.publish import retrain_edge
 
         options = check_options(json.loads(args.options))
+        offload = check_offload(json.loads(args.offload))
         result = retrain_edge(args.store, args.server_root, full_model_dir=args.full_model, **options)
+        out = result.to_dict()
+        if not result.published and offload["learn"]:
+            out = with_offload_step(out, offload_step(args, options, offload))
     except Exception as exc:
         traceback.print_exc()
         report({"error": f"{type(exc).__name__}: {exc}"})
         print(f"growth step failed: {type(exc).__name__}: {exc}", flush=True)
         return EXIT_FAILED
-    report(json.loads(json.dumps(result.to_dict(), default=str)))
-    print(f"growth step: {result.reason}", flush=True)
-    return EXIT_PUBLISHED if result.published else EXIT_KEPT
+    report(json.loads(json.dumps(out, default=str)))
+    print(f"growth step: {out['reason']}", flush=True)
+    return EXIT_PUBLISHED if out["published"] else EXIT_KEPT
+
+
+def offload_step(args: argparse.Namespace, options: dict[str, Any], offload: dict[str, Any]) -> dict:
+    """The offload threshold after a refused retraining (module note); its record as a dict."""
+    from elma_utils.server import publish
+    from elma_utils.server.offload_threshold import learn_from_store
+
+    missing = [name for name in ("calibration", "dev_eval") if not options.get(name)]
+    if missing or not args.full_model:
+        needs = missing + ([] if args.full_model else ["full_model"])
+        return {"published": False, "reason": f"offload threshold not learned: needs {', '.join(needs)}"}
+    print("growth step: the retrained edge was refused; learning the offload threshold", flush=True)
+    learned = learn_from_store(
+        args.store, args.server_root, full_model_dir=args.full_model,
+        calibration=publish.load_eval_set(Path(options["calibration"]), "calibration"),
+        guard=publish.load_eval_set(Path(options["dev_eval"]), "dev_eval"),
+        budget=offload["budget"], tolerance=offload["tolerance"],
+    )  # fmt: skip
+    return learned.to_dict()
+
+
+def with_offload_step(retrained: dict[str, Any], offload: dict[str, Any]) -> dict[str, Any]:
+    """The step's result: the retraining's, with the offload step under ``offload``; a published
+    threshold makes the step's outcome "published" (its version and reason first)."""
+    out = {**retrained, "offload": offload}
+    if offload.get("published"):
+        out.update(
+            published=True,
+            version=offload.get("version"),
+            reason=f"{offload['reason']} (the retrained edge was refused: {retrained.get('reason')})",
+        )
+    else:
+        out["reason"] = f"{retrained.get('reason')}; {offload.get('reason')}"
+    return out
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ bundle, and one ``LoopbackDeployment`` runs the whole experiment: the real edge 
    store's held-out contexts and the guard questions) publishes the candidate or keeps the
    current version; decision and reasons go in the record;
    **offload threshold** (``learn_offload``, when the retrained edge was not published): the
-   server prices the stored offloads (how often its answer differed from the device's, and
-   what a difference was worth on the labelled calibration questions) and publishes the
+   server prices the stored offloads (how often its answer differed from the device's, over
+   the questions the device reported asking, and what a difference was worth on labelled
+   other-article questions: the calibration questions and ``domain.offload_pool``) and publishes the
    current weights with a learned ``E_offload`` when the gate (whole-system F1 on the guard
    questions, within ``max_system_f1_loss``) agrees (``server.offload_threshold``);
 3. **sync**: the device fetches what is published over SFTP (``sync.sync_with_client``) and
@@ -43,7 +44,7 @@ from typing import Any
 
 from elma_utils.server import publish
 from elma_utils.server.deployment_domain import DeploymentDomain
-from elma_utils.server.offload_threshold import OffloadResult, grow_offload_threshold
+from elma_utils.server.offload_threshold import OffloadResult, learn_from_store
 from elma_utils.server.round_measure import change, measure, measure_sets, targets_met
 
 # what the growth loop retrains: name -> retrain_edge keyword arguments
@@ -226,10 +227,9 @@ def run_target(
         device = RoundDevice(dep, work / "device", settings.ask_entropy_threshold)
         store_path = dep.server.store.db.path
         if settings.learn_offload:  # loaded once: the guard keeps the server's answers between rounds
-            calibration_set = publish.load_eval_set(calibration, "calibration")
+            pricing = _write_squad(data / "offload_pricing.json", domain.gain_questions)
+            pricing_set = publish.load_eval_set(pricing, "offload pricing")
             guard_set = publish.load_eval_set(guard, "guard")
-        same_weights: list[str] = []  # versions with the current weights (comparable entropies)
-        asked_since = 0  # questions those versions were asked
         for index in range(len(domain.asked_rounds) + 1):
             t0 = time.perf_counter()
             record: dict[str, Any] = {
@@ -240,10 +240,8 @@ def run_target(
             }
             if index == 0:
                 record.update(asked=0, offloaded=0, fallbacks=0, sync=device.sync())
-                same_weights = [device.version]
             else:
                 record.update(device.ask(domain.asked_rounds[index - 1]))
-                asked_since += record["asked"]
                 result = publish.retrain_edge(
                     store_path, server_root, full_model_dir=full_model_dir, original_train=original,
                     dev_eval=guard, calibration=calibration, max_f1_loss=settings.max_f1_loss,
@@ -253,19 +251,13 @@ def run_target(
                     on_candidate=lambda bundle: measure(bundle, sets), **options,
                 )  # fmt: skip
                 record["grow"] = _grow_record(result)
-                if result.published:
-                    same_weights, asked_since = [result.version], 0
-                elif settings.learn_offload:
-                    offload = grow_offload_threshold(
-                        store_path, server_root, full_model_dir=full_model_dir,
-                        calibration=calibration_set, guard=guard_set,
-                        questions_asked=asked_since, model_versions=same_weights, device_ids=[dep.edge.device_id],
-                        budget=settings.offload_budget, tolerance=settings.max_system_f1_loss,
-                        on_candidate=lambda bundle: measure(bundle, sets),
+                if not result.published and settings.learn_offload:  # as the server's growth step does
+                    offload = learn_from_store(
+                        store_path, server_root, full_model_dir=full_model_dir, calibration=pricing_set,
+                        guard=guard_set, budget=settings.offload_budget, tolerance=settings.max_system_f1_loss,
+                        device_ids=[dep.edge.device_id], on_candidate=lambda bundle: measure(bundle, sets),
                     )  # fmt: skip
                     record["offload"] = _offload_record(offload)
-                    if offload.published:
-                        same_weights.append(offload.version)
                 record["sync"] = device.sync()
             record["stored_questions"] = dep.server.store.stats().questions
             record["device_version"] = device.version

@@ -31,6 +31,7 @@ drops the threshold (``export.bundle.for_new_weights``): it is learned again for
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -225,26 +226,91 @@ def without_offload_threshold(bundle: str | Path, out_dir: str | Path) -> Path:
     return _rewrite_thresholds(src, dst, for_new_weights(thresholds), f"base-{dst.parent.name}")
 
 
+def weights_fingerprint(bundle: str | Path) -> str:
+    """sha256 over the manifest's files other than thresholds.json: the same for bundles that
+    differ only in their thresholds, whose entropies are therefore comparable."""
+    manifest = json.loads((Path(bundle) / MANIFEST).read_text())
+    files = sorted((name, f["sha256"]) for name, f in manifest["files"].items() if name != THRESHOLDS)
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def same_weights_versions(server_root: str | Path, version: str) -> list[str]:
+    """Every published version whose weights are ``version``'s (``version`` first): the stored
+    offloads of all of them are priced together."""
+    bundles = publish.bundles_dir(server_root)
+    mine = weights_fingerprint(bundles / version)
+    others = sorted(
+        d.name
+        for d in bundles.iterdir()
+        if d.is_dir() and d.name != version and not d.name.startswith(".") and (d / MANIFEST).is_file()
+    )
+    return [version] + [v for v in others if weights_fingerprint(bundles / v) == mine]
+
+
+def reported_questions(
+    store_path: str | Path, model_versions: Sequence[str], device_ids: Sequence[str] | None = None
+) -> tuple[dict[str, int], list[str]]:
+    """(device_id -> questions it asked with ``model_versions``, devices left out): a device
+    whose stored offloads under some version come without a reported count cannot be priced
+    (the denominator is unknown), so it is left out rather than guessed."""
+    from elma_utils.server.store import HardQuestionStore
+
+    with HardQuestionStore(store_path) as store:
+        per_device = store.questions_asked(model_versions)
+    counted, left_out = {}, []
+    for device, per_version in sorted(per_device.items()):
+        if device_ids is not None and device not in device_ids:
+            continue
+        if any(n is None for n in per_version.values()):
+            left_out.append(device)
+        else:
+            counted[device] = int(sum(per_version.values()))
+    return counted, left_out
+
+
+def _last_layer_answers(bundle: Path, examples: Sequence, cache_dir: Path) -> dict[str, tuple[str, float]]:
+    """qas_id -> (the bundle's last-layer answer, its entropy), kept in ``cache_dir`` keyed by
+    the weights and the questions (the offload step runs again and again on the same weights)."""
+    from elma_utils.atomic_files import write_bytes_atomic
+
+    key = hashlib.sha256(
+        json.dumps(
+            [weights_fingerprint(bundle)] + [[e.qas_id, e.question, e.context] for e in examples]
+        ).encode()
+    ).hexdigest()[:24]
+    cached = Path(cache_dir) / f"edge-last-layer-{key}.json"
+    if cached.is_file():
+        try:
+            return {k: (v[0], float(v[1])) for k, v in json.loads(cached.read_text()).items()}
+        except (OSError, ValueError, TypeError, IndexError):
+            pass
+    from elma_utils.early_exit.policies import NeverExit
+    from elma_utils.edge.runtime import EdgeModel
+
+    model = EdgeModel.load(bundle)
+    answers = model.answer_features(examples, model.features_for(examples), NeverExit())
+    out = {e.qas_id: (a.text, float(a.entropy)) for e, a in zip(examples, answers, strict=True)}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(cached, json.dumps(out).encode())
+    return out
+
+
 def calibration_gain(
     bundle: str | Path, calibration: publish.EvalSet, full_model_dir: str | Path, cache_dir: str | Path,
     floor: float,
 ) -> dict[str, Any]:  # fmt: skip
     """``gain_per_disagreement`` on the labelled questions the bundle would offload (last-layer
     entropy above ``floor``): its last-layer answers against the server's, both scored
-    against the gold answers."""
-    from elma_utils.early_exit.policies import NeverExit
-    from elma_utils.edge.runtime import EdgeModel
+    against the gold answers (the server answers only those)."""
     from elma_utils.squad.metrics import per_question_scores
 
-    model = EdgeModel.load(bundle)
-    answers = model.answer_features(
-        calibration.examples, model.features_for(calibration.examples), NeverExit()
-    )
-    edge = {e.qas_id: a.text for e, a in zip(calibration.examples, answers, strict=True)}
-    server = publish.server_answers_for(full_model_dir, calibration.examples, cache_dir)
+    last = _last_layer_answers(Path(bundle), calibration.examples, Path(cache_dir))
+    above = [e for e in calibration.examples if last[e.qas_id][1] > floor]
+    edge = {e.qas_id: last[e.qas_id][0] for e in above}
+    server = publish.server_answers_for(full_model_dir, above, cache_dir) if above else {}
     edge_scores = per_question_scores(calibration.raw, edge, calibration.version)
     server_scores = per_question_scores(calibration.raw, server, calibration.version)
-    ids = [e.qas_id for e, a in zip(calibration.examples, answers, strict=True) if a.entropy > floor]
+    ids = [e.qas_id for e in above]
     out = gain_per_disagreement(
         [edge_scores[i][1] for i in ids],
         [server_scores[i][1] for i in ids],
@@ -267,6 +333,8 @@ class OffloadResult:
     candidate: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
     candidate_probe: Any = None
+    asked_by_device: dict = field(default_factory=dict)  # learn_from_store: the devices' reports
+    left_out_devices: list = field(default_factory=list)  # devices that stored offloads but sent no count
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -352,6 +420,36 @@ def grow_offload_threshold(
         return _done(result, t0)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def learn_from_store(
+    store_path: str | Path, server_root: str | Path, *, full_model_dir: str | Path,
+    calibration: publish.EvalSet, guard: publish.EvalSet, budget: float = 0.3, tolerance: float = 0.3,
+    device_ids: Sequence[str] | None = None, on_candidate: Callable[[Path], Any] | None = None,
+) -> OffloadResult:  # fmt: skip
+    """``grow_offload_threshold`` as the server runs it (the growth step, the rounds): the
+    offloads of every published version with the current weights, over what the devices
+    reported asking with them (``edge.asked``); devices that sent no count are left out."""
+    t0 = time.perf_counter()
+    pointer = publish.read_latest(server_root)
+    if pointer is None:
+        raise publish.PublishError(f"{publish.bundles_dir(server_root)} has nothing published yet")
+    versions = same_weights_versions(server_root, pointer.version)
+    asked, left_out = reported_questions(store_path, versions, device_ids)
+    if not asked:
+        result = OffloadResult(False, "", pointer.version, left_out_devices=left_out)
+        result.reason = (
+            f"kept {pointer.version}: no device reported how many questions it asked with the current "
+            "weights (edge.asked)" + (f"; left out, no count: {', '.join(left_out)}" if left_out else "")
+        )
+        return _done(result, t0)
+    result = grow_offload_threshold(
+        store_path, server_root, full_model_dir=full_model_dir, calibration=calibration, guard=guard,
+        questions_asked=sum(asked.values()), model_versions=versions, device_ids=sorted(asked),
+        budget=budget, tolerance=tolerance, on_candidate=on_candidate,
+    )  # fmt: skip
+    result.asked_by_device, result.left_out_devices = asked, left_out
+    return result
 
 
 def _done(result: OffloadResult, t0: float) -> OffloadResult:

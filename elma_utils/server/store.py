@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +93,15 @@ CREATE TABLE IF NOT EXISTS offloads (
     UNIQUE (device_id, request_id)
 );
 CREATE INDEX IF NOT EXISTS offloads_by_question ON offloads (question_id, received_at);
+-- what each device says it asked with each model version (edge.asked, the largest one seen):
+-- the denominator of an offload threshold's price (created on older stores too when opened)
+CREATE TABLE IF NOT EXISTS device_counts (
+    device_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    asked INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (device_id, model_version)
+);
 """
 
 
@@ -309,6 +318,13 @@ class HardQuestionStore:
         now = time.time() if received_at is None else float(received_at)
         ref = request.ref
         with self.db.write() as conn:
+            if request.edge.asked is not None:
+                conn.execute(
+                    "INSERT INTO device_counts (device_id, model_version, asked, updated_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (device_id, model_version) DO UPDATE SET"
+                    " asked = max(asked, excluded.asked), updated_at = excluded.updated_at",
+                    (request.device_id, request.edge.model_version, request.edge.asked, now),
+                )
             row = conn.execute(
                 "SELECT id, question_id, question, context_sha256, edge_text, edge_start, edge_end,"
                 " edge_exit_layer, edge_model_version FROM offloads WHERE device_id = ? AND request_id = ?",
@@ -389,6 +405,34 @@ class HardQuestionStore:
         out = dict(zip(names, row, strict=True))
         out["edge_entropies"] = json.loads(out["edge_entropies"])
         out["no_answer"] = bool(out["no_answer"])
+        return out
+
+    def questions_asked(self, model_versions: Sequence[str]) -> dict[str, dict[str, int | None]]:
+        """device_id -> {model_version: questions it asked with that version}, for every device
+        with stored offloads (or a report) under ``model_versions``: the largest count the device
+        reported, never fewer than its stored offloads; None where it stored offloads but never
+        reported a count (a device older than ``edge.asked``)."""
+        versions = list(dict.fromkeys(model_versions))
+        if not versions:
+            return {}
+        marks = ",".join("?" * len(versions))
+        with self.db.read() as conn:
+            stored = conn.execute(
+                f"SELECT device_id, edge_model_version, count(*) FROM offloads"
+                f" WHERE edge_model_version IN ({marks}) GROUP BY device_id, edge_model_version",
+                versions,
+            ).fetchall()
+            reported = conn.execute(
+                f"SELECT device_id, model_version, asked FROM device_counts WHERE model_version IN ({marks})",
+                versions,
+            ).fetchall()
+        out: dict[str, dict[str, int | None]] = {}
+        counts = {(d, v): int(n) for d, v, n in reported}
+        for device, version, n in stored:
+            said = counts.pop((device, version), None)
+            out.setdefault(device, {})[version] = None if said is None else max(said, int(n))
+        for (device, version), said in counts.items():
+            out.setdefault(device, {})[version] = said
         return out
 
     # ------------------------------------------------------------ reading out
