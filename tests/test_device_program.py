@@ -614,9 +614,28 @@ def test_a_published_bundle_is_swapped_in_between_questions_and_a_corrupt_one_is
     assert f"keeping {v2}" in refused and "layer_2.tflite: sha256 does not match" in refused
     after = [device.ask(q) for q in QUESTIONS]
     assert all(r["model_version"] == v2 and r["source"] == "edge" for r in after), after
+
+    # the device reported how many questions it asked with v1 (every one of them was offloaded)
+    with HardQuestionStore(server.store) as store:
+        assert store.questions_asked([v1]) == {"tx2-sync": {v1: versions.count(v1)}}
+    # v4: v1's weights with a learned offload threshold above every entropy: the device keeps what
+    # v1 offloaded, and says why
+    from elma_utils.server.offload_threshold import offload_candidate
+
+    learned = {"E_offload": 1e6, "E_offload_cost": 0.0}
+    v4 = publish.publish_bundle(offload_candidate(models["offloads"], tmp_path / "v4" / "candidate", learned),
+                                server.root)  # fmt: skip
+    while records[-1]["model_version"] != v4:
+        time.sleep(0.2)
+        records.append(device.ask(QUESTIONS[len(records) % 3]))
+        assert len(records) < 1000, "the version with the offload threshold never arrived"
+    kept = records[-1]
+    assert kept["source"] == "edge" and kept["below_offload_threshold"] and kept["edge_solved"], kept
+    assert kept["where"] == "edge layer 2/2, kept below the offload threshold"
+    assert all(r["below_offload_threshold"] is False for r in records if r["model_version"] != v4)
     rc, _ = device.finish()
     assert rc == 0, device.stderr()
-    assert current_version(config.parent / "bundles") == v2 and v3 not in installed_versions(
+    assert current_version(config.parent / "bundles") == v4 and v3 not in installed_versions(
         config.parent / "bundles"
     )
     assert sum("sync: no new version installed" in line for line in device.log) == 1  # repeats only at DEBUG

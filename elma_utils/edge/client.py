@@ -67,6 +67,7 @@ class EdgeQAResult:
     queued: bool = False  # the request waits in the outbox to be sent later
     request_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    kept_below_offload_threshold: bool = False  # settled by E_offload, not by an exit (edge_solved too)
 
     @property
     def total_ms(self) -> float:
@@ -129,6 +130,7 @@ class EdgeQA:
             char_end=local.char_end if local.char_start >= 0 else None,
             exit_layer=local.exit_layer,
             edge_solved=bool(local.solved),
+            kept_below_offload_threshold=bool(getattr(local, "kept_below_offload_threshold", False)),
             entropies=list(local.entropies),
             edge_ms=edge_ms,
             timings={"tokenise_ms": getattr(local, "tokenise_ms", 0.0), "edge_ms": edge_ms},

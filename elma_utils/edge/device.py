@@ -22,7 +22,8 @@ line, file name), ``question`` (for audio: the ``transcript``, with ``transcript
 ``transcript_unreliable`` + ``unreliable_reason``; status ``ask_repeat`` and no answer when the
 recogniser's guard still doubts the transcript after its fallback decode), ``answer``,
 ``source`` (``edge``, ``server``, ``edge-fallback`` with ``queued``, or ``none`` when nothing
-was answered, ``status`` and ``error`` saying why), ``where`` in words,
+was answered, ``status`` and ``error`` saying why), ``below_offload_threshold`` (no exit was
+sure, but the published offload threshold says the server would not do better), ``where`` in words,
 ``exit_layer``/``num_layers``, ``timings_ms`` (``audio`` decode, ``asr``, ``edge``, ``offload``,
 ``total``) and ``model_version``.
 """
@@ -304,6 +305,7 @@ class DeviceProgram:
             "exit_layer": None,
             "num_layers": None,
             "edge_solved": None,
+            "below_offload_threshold": None,
             "queued": None,
             "error": None,
             "request_id": None,
@@ -357,6 +359,7 @@ class DeviceProgram:
             source=result.source,
             exit_layer=int(result.exit_layer),
             edge_solved=bool(result.edge_solved),
+            below_offload_threshold=bool(result.kept_below_offload_threshold),
             error=result.error,
             request_id=result.request_id,
             char_start=result.char_start,
@@ -390,7 +393,8 @@ class DeviceProgram:
     def _where(r: dict[str, Any]) -> str:
         layers = f"{r['exit_layer']}/{r['num_layers']}"
         if r["source"] == "edge":
-            return f"edge layer {layers}"
+            why = ", kept below the offload threshold" if r.get("below_offload_threshold") else ""
+            return f"edge layer {layers}{why}"
         if r["source"] == "server":
             return f"server (edge stopped at layer {layers})"
         kept = "queued for the server" if r["queued"] else "NOT queued"

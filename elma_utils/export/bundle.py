@@ -208,28 +208,48 @@ def write_bundle(
     return out_dir
 
 
-def full_compute_copy(bundle_dir: str | Path, out_dir: str | Path) -> Path:
-    """A copy of a bundle that runs every layer at full width: the same parts and tokenizer,
-    no skim head, policy "never" (the entropy predictor, fitted on the adaptive runtime, is
-    dropped). The reference of an adaptive bundle in the device benchmark."""
-    src, out = Path(bundle_dir), Path(out_dir)
+def copy_listed(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """Copy a bundle's manifest and the files it lists, nothing else (the edge refuses unlisted
+    files) into ``dst``; returns the source's verified manifest."""
+    src, dst = Path(src), Path(dst)
     manifest = verify_bundle(src)
+    for rel in [*manifest["files"], MANIFEST]:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dst / rel)
+    return manifest
+
+
+def with_thresholds(
+    bundle_dir: str | Path, out_dir: str | Path, thresholds: dict[str, Any], model_version: str,
+    *, drop_skim: bool = False,
+) -> Path:  # fmt: skip
+    """A copy of a bundle with other thresholds (checked) and another model version, the same
+    weights; the manifest lists the new thresholds.json. ``drop_skim``: without the skim head.
+    Serves the full-compute reference and a learned offload threshold."""
+    src, out = Path(bundle_dir), Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another directory")
-    shutil.copytree(src, out)
-    spec = manifest.pop("skim", None)
+    manifest = copy_listed(src, out)
+    spec = manifest.pop("skim", None) if drop_skim else None
     if spec:
         (out / spec["file"]).unlink()
-    th = read_thresholds(src)
-    th = {k: v for k, v in for_new_weights(th).items() if k not in ("predictor", "E_T", "patience")}
-    (out / THRESHOLDS).write_text(
-        json.dumps(check_thresholds({**th, "policy": "never"}), indent=2, sort_keys=True)
-    )
-    manifest["model_version"] = f"{manifest['model_version']}-full"
+    (out / THRESHOLDS).write_text(json.dumps(check_thresholds(thresholds), indent=2, sort_keys=True))
+    manifest["model_version"] = model_version
     manifest["files"] = _file_entries(out)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     verify_bundle(out)
     return out
+
+
+def full_compute_copy(bundle_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of a bundle that runs every layer at full width: the same parts and tokenizer,
+    no skim head, policy "never" (the entropy predictor, fitted on the adaptive runtime, is
+    dropped). The reference of an adaptive bundle in the device benchmark."""
+    src = Path(bundle_dir)
+    th = read_thresholds(src)
+    th = {k: v for k, v in for_new_weights(th).items() if k not in ("predictor", "E_T", "patience")}
+    version = json.loads((src / MANIFEST).read_text())["model_version"]
+    return with_thresholds(src, out_dir, {**th, "policy": "never"}, f"{version}-full", drop_skim=True)
 
 
 def _safe_relative(root: Path, rel: str) -> Path:

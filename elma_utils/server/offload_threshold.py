@@ -48,8 +48,7 @@ from elma_utils.export.bundle import (
     THRESHOLDS,
     for_new_weights,
     read_thresholds,
-    sha256_file,
-    verify_bundle,
+    with_thresholds,
 )
 from elma_utils.server import publish
 
@@ -189,20 +188,9 @@ def learn_offload_threshold(
 
 
 def _rewrite_thresholds(src: Path, dst: Path, thresholds: dict[str, Any], version: str) -> Path:
-    """A copy of bundle ``src`` at ``dst`` with other thresholds; the manifest lists the new file."""
+    """A copy of bundle ``src`` at ``dst`` (replaced) with other thresholds, the same weights."""
     shutil.rmtree(dst, ignore_errors=True)
-    publish.copy_bundle(src, dst)
-    manifest = verify_bundle(dst)
-    (dst / THRESHOLDS).write_text(json.dumps(thresholds, indent=2))
-    manifest["files"][THRESHOLDS] = {
-        "sha256": sha256_file(dst / THRESHOLDS),
-        "bytes": (dst / THRESHOLDS).stat().st_size,
-    }
-    manifest["model_version"] = version
-    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    verify_bundle(dst)
-    read_thresholds(dst)
-    return dst
+    return with_thresholds(src, dst, thresholds, version)
 
 
 def offload_candidate(current_bundle: str | Path, out_dir: str | Path, learned: dict[str, Any]) -> Path:

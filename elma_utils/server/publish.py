@@ -51,7 +51,14 @@ from typing import Any
 
 from elma_utils.atomic_files import fsync_dir, write_bytes_atomic
 from elma_utils.edge.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
-from elma_utils.export.bundle import MANIFEST, for_new_weights, read_thresholds, sha256_file, verify_bundle
+from elma_utils.export.bundle import (
+    MANIFEST,
+    copy_listed,
+    for_new_weights,
+    read_thresholds,
+    sha256_file,
+    verify_bundle,
+)
 from elma_utils.file_lock import exclusive_lock
 
 BUNDLES_DIR = "bundles"
@@ -114,14 +121,6 @@ def _copy_tree_atomic(src: Path, dst: Path) -> None:
     os.rename(tmp, dst)
 
 
-def copy_bundle(src: Path, dst: Path) -> None:
-    """Copy the manifest and the files it lists, nothing else (the edge refuses unlisted files)."""
-    manifest = verify_bundle(src)
-    for rel in [*manifest["files"], MANIFEST]:
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / rel, dst / rel)
-
-
 def _promote(staging: Path, server_root: Path, exits_dir: Path | None, notes: dict | None) -> str:
     """Name the staged bundle, move it into ``bundles/``, then point LATEST.json at it (under the lock)."""
     bundles = bundles_dir(server_root)
@@ -174,7 +173,7 @@ def publish_bundle(
     with _publish_lock(server_root):
         staging = bundles / f".staging-{os.getpid()}-{os.urandom(4).hex()}"
         try:
-            copy_bundle(bundle_dir, staging)
+            copy_listed(bundle_dir, staging)
             return _promote(staging, server_root, Path(exits_dir) if exits_dir else None, notes)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
