@@ -239,6 +239,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings["every_s"] = args.grow_every
         if args.full_model is not None:
             settings["full_model"] = args.full_model
+        settings["server_model"] = args.model  # the offload step prices the server's own answers
         if args.grow_command is not None:
             settings["command"] = shlex.split(args.grow_command)
         growth = GrowthSettings(**settings).check()

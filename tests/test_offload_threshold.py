@@ -11,8 +11,15 @@ import pytest
 from offload_helpers import CONTEXTS, make_answer
 from qa_fixtures import write_tiny_bundle
 
-from elma_utils.edge.protocol import AskRequest, EdgeResult
-from elma_utils.export.bundle import THRESHOLDS, BundleError, check_thresholds, read_thresholds, verify_bundle
+from elma_utils.edge.protocol import AskRequest, EdgeResult, ProtocolError
+from elma_utils.export.bundle import (
+    THRESHOLDS,
+    BundleError,
+    check_thresholds,
+    read_thresholds,
+    verify_bundle,
+    with_thresholds,
+)
 from elma_utils.server.offload_threshold import (
     COST_KEY,
     OFFLOAD_KEY,
@@ -228,7 +235,7 @@ def test_learned_record_is_json(tmp_path):
 # -- the devices report what they asked: the denominator of the price -----------------------------------------
 def test_edge_asked_is_checked_round_trips_and_is_signed_only_when_set(tmp_path):
     from elma_utils.edge.identity import DeviceRegistry, sign_request, signed_content
-    from elma_utils.edge.protocol import ProtocolError, decode, encode
+    from elma_utils.edge.protocol import decode, encode
     from elma_utils.edge.ssh_keys import generate_ed25519_key, public_key_line
 
     for bad in (0, -3, True, 1.5, "7", 10**10):
@@ -272,6 +279,11 @@ def test_the_store_keeps_each_devices_largest_count_never_below_its_offloads(tmp
         request = counted_ask(99, "d3", "v1", 1)
         store.record(request, make_answer(request, "Paris"))
         assert store.questions_asked(["v1"]) == {"d1": {"v1": 12}, "d2": {"v1": None}, "d3": {"v1": 2}}
+        # a conflicting request (a used id, other content) is refused and its count is not kept
+        conflict = dataclasses.replace(counted_ask(0, "d1", "v1", 500), question="Another question?")
+        with pytest.raises(ProtocolError, match="conflict"):
+            store.record(conflict, make_answer(conflict, "Paris"))
+        assert store.questions_asked(["v1"])["d1"] == {"v1": 12}
         assert store.questions_asked(["v1", "v2"])["d1"] == {"v1": 12, "v2": 3}
         assert store.questions_asked([]) == {}
     counted, left_out = reported_questions(path, ["v1", "v2"])
@@ -300,6 +312,16 @@ def test_versions_that_differ_only_in_thresholds_are_priced_together(tmp_path, m
     assert weights_fingerprint(bundles / v1) == weights_fingerprint(bundles / v2)
     assert weights_fingerprint(bundles / v1) != weights_fingerprint(bundles / v3)
     assert same_weights_versions(root, v2) == [v2, v1] and same_weights_versions(root, v3) == [v3]
+    # v1 offloads more than v2 (its floor is E_T 0.5 < 0.7): pooled with v2; not the other way round,
+    # v2 kept questions on the device that v1's count includes but the store never saw
+    assert same_weights_versions(root, v1) == [v1]
+    # what the last layer answers depends on the thresholds' rule too: not the same weights
+    th = read_thresholds(first)
+    other_rule = with_thresholds(first, tmp_path / "mean", {**th, "rule": "mean"}, "mean")
+    assert weights_fingerprint(other_rule) != weights_fingerprint(first)
+    (bundles / "v9-broken").mkdir()
+    (bundles / "v9-broken" / "manifest.json").write_text("{not json")
+    assert same_weights_versions(root, v2) == [v2, v1]  # an unreadable one is skipped, not fatal
     # nobody reported a count: nothing is learned, and the record says why
     store = tmp_path / "store.sqlite3"
     with HardQuestionStore(store) as s:
@@ -314,3 +336,36 @@ def test_versions_that_differ_only_in_thresholds_are_priced_together(tmp_path, m
     )
     assert not result.published and result.left_out_devices == ["old-device"]
     assert "no device reported" in result.reason and "old-device" in result.reason
+
+
+def test_the_device_counts_per_version_and_goes_on_counting_after_a_restart(tmp_path, minilm_tokenizer):
+    """An offline device (no server: every offload waits in the outbox, as it would be sent)
+    counts every question it answered with its version; a restart goes on from the count the
+    outbox kept, a new version starts from its own."""
+    from elma_utils.edge.client import EdgeQA
+    from elma_utils.edge.outbox import Outbox
+    from elma_utils.edge.runtime import EdgeModel
+
+    never = EdgeModel.load(write_tiny_bundle(tmp_path / "b", minilm_tokenizer, entropy_threshold=-1.0))
+    path = tmp_path / "outbox.sqlite3"
+
+    def queued_counts() -> list[tuple[str, int]]:
+        with Outbox(path) as box:
+            return [(i.request.edge.model_version, i.request.edge.asked) for i in box.pending()]
+
+    with Outbox(path) as box:
+        qa = EdgeQA(never, None, box, model_version="v1")
+        for i in range(3):
+            assert qa.answer(f"Question {i}?", CONTEXTS[0]).source == "edge-fallback"
+    with Outbox(path) as box:  # the device program starts again
+        qa = EdgeQA(never, None, box, model_version="v1")
+        qa.answer("Question 3?", CONTEXTS[0])
+        qa.model_version = "v2"  # a sync swapped a new version in
+        qa.answer("Question 4?", CONTEXTS[0])
+        qa.model_version = "v1"  # and an operator rolled back
+        qa.answer("Question 5?", CONTEXTS[0])
+        assert box.asked_count("v1") == 5 and box.asked_count("v2") == 1 and box.asked_count("v9") == 0
+    assert queued_counts() == [("v1", 1), ("v1", 2), ("v1", 3), ("v1", 4), ("v2", 1), ("v1", 5)]
+    without = EdgeQA(never, None, None, model_version="v1")  # no outbox: counted in this process only
+    without.answer("Question 6?", CONTEXTS[0])
+    assert without._counted == ("v1", 1)

@@ -456,16 +456,18 @@ def test_growth_step_learns_an_offload_threshold_from_what_devices_reported(
             edge = EdgeResult(text="the Loire", model_version=template.v1, entropies=(h, h), asked=5 + 7 * i)
             request = AskRequest(f"g{i}", "dev1", qa(i)[0], edge, context=qa(i)[1])
             store.record(request, AnswerReply(request.id, "the Loire", 0.5, False, "m", 1.0))
-        old = EdgeResult(text="x", model_version=template.v1, entropies=(h, h))  # a device without counts
-        store.record(AskRequest("o1", "old-tx2", qa(1)[0], old, context=qa(1)[1]),
+        # a device that is not (or no longer) registered, claiming a huge count that would make
+        # keeping questions look free, and one that disagrees with the server every time
+        rogue = EdgeResult(text="x", model_version=template.v1, entropies=(h, h), asked=10**9)
+        store.record(AskRequest("o1", "rogue", qa(1)[0], rogue, context=qa(1)[1]),
                      AnswerReply("o1", "y", 0.5, False, "m", 1.0))  # fmt: skip
     examples = [e for e in dev_v11.examples if not e.is_impossible]
     sets = {}
     for name, part in (("calibration", examples[:8]), ("dev_eval", examples[8:16])):
         sets[name] = tmp_path / f"{name}.json"
         sets[name].write_text(json.dumps(examples_to_squad_json(part)))
-    settings = GrowthSettings(
-        after=1, full_model=template.full,
+    settings = GrowthSettings(  # no full model given: the one the current exits sit on
+        after=1,
         options={"calibration": str(sets["calibration"]), "dev_eval": str(sets["dev_eval"]),
                  "squad_version": "1.1", "tolerance": -100.0, "epochs": 1.0, "batch_size": 4},
         offload={"budget": 100.0, "tolerance": 100.0},
@@ -474,16 +476,39 @@ def test_growth_step_learns_an_offload_threshold_from_what_devices_reported(
     latest = publish.read_latest(root)
     assert run["outcome"] == "published" and run["version"] == latest.version != template.v1, run
     assert "E_offload" in run["reason"] and "the retrained edge was refused" in run["reason"]
-    assert run["numbers"]["E_offload"] == pytest.approx(h)
     result = json.loads(Path(run["result"]).read_text())
     offload = result["offload"]
-    assert offload["asked_by_device"] == {"dev1": 40} and offload["left_out_devices"] == ["old-tx2"]
+    assert run["numbers"]["E_offload"] == pytest.approx(
+        h
+    )  # the published step's numbers, not the refused one's
+    assert run["numbers"]["candidate_system_f1"] == offload["candidate"]["system_f1"]
+    assert run["numbers"]["current_system_f1"] == offload["base"]["system_f1"]
+    assert (
+        offload["asked_by_device"] == {"dev1": 40} and offload["left_out_devices"] == []
+    )  # rogue: not registered
     assert offload["learned"]["questions_asked"] == 40 and offload["learned"]["stored_offloads"] == 6
     assert offload["learned"]["kept_on_device"] == 6 and offload["learned"]["E_offload_cost"] == 0.0
     published = publish.bundles_dir(root) / latest.version
     assert read_thresholds(published)["E_offload"] == pytest.approx(h)
     assert weights_fingerprint(published) == weights_fingerprint(publish.bundles_dir(root) / template.v1)
     assert latest.notes["previous"] == template.v1
+
+    # a failing offload step is recorded, not raised; the retraining's outcome stands
+    import argparse
+
+    from elma_utils.server.growth import check_offload, offload_step, with_offload_step
+
+    not_a_store = tmp_path / "not-a-store.sqlite3"
+    not_a_store.write_text("plain text")
+    args = argparse.Namespace(
+        store=str(not_a_store), server_root=str(root), server_model=None, full_model=None
+    )
+    failed = offload_step(args, settings.options, check_offload({}))
+    assert not failed["published"] and "cannot open as an SQLite database" in failed["error"], failed
+    step = with_offload_step({"published": False, "reason": "kept v1: no better"}, failed)
+    assert not step["published"] and step["reason"].startswith(
+        "kept v1: no better; offload threshold not learned"
+    )
 
     off = GrowthSettings(after=1, offload={"learn": False}).check()  # turned off: only the retraining
     kept = GrowthSupervisor(root, layout.store, off).run("test: offload step off")

@@ -103,20 +103,46 @@ class EdgeQA:
         self._prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}"
         self._known_contexts: set[str] = set()
         self._lock = threading.Lock()
-        self._counted: tuple[str, int] = (self.model_version, 0)  # questions answered with that version
+        # questions answered with that version (None: not read from the outbox yet)
+        self._counted: tuple[str | None, int] = (None, 0)
 
     def _next_id(self) -> str:
         with self._lock:
             return f"{self._prefix}-{next(self._ids)}"
 
     def _count_question(self) -> tuple[str, int]:
-        """One more question answered with the current model version (counting restarts when a
-        sync swaps the version in); the server prices an offload threshold with it."""
+        """One more question answered with the current model version; the server prices an
+        offload threshold with it (``edge.asked``). With an outbox the count goes on from what
+        it kept for that version (a restart, a rollback), else from 0 in this process."""
         with self._lock:
             version, n = self._counted
-            n = n + 1 if version == self.model_version else 1
-            self._counted = (self.model_version, n)
+            if version != self.model_version:
+                version, n = self.model_version, self._saved_count(self.model_version)
+            self._counted = (version, n + 1)
             return self._counted
+
+    def _saved_count(self, version: str) -> int:
+        if self.outbox is None:
+            return 0
+        try:
+            return self.outbox.asked_count(version)
+        except (sqlite3.Error, OSError) as exc:  # a broken outbox must not stop the answers
+            log.warning(
+                "outbox %s: the count of questions asked could not be read: %s", self.outbox.path, exc
+            )
+            return 0
+
+    def save_count(self) -> None:
+        """Keep the current count in the outbox (done before each offload; call it at shutdown)."""
+        if self.outbox is None:
+            return
+        version, n = self._counted
+        if n <= 0:
+            return
+        try:
+            self.outbox.save_asked_count(version, n)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("outbox %s: the count of questions asked was not kept: %s", self.outbox.path, exc)
 
     def answer(self, question: str, context: str) -> EdgeQAResult:
         t0 = time.perf_counter()
@@ -137,6 +163,7 @@ class EdgeQA:
         )
         if local.solved:
             return result
+        self.save_count()  # an offload is a round trip anyway; a count kept now survives a restart
         request = AskRequest(
             id=self._next_id(),
             device_id=self.device_id,

@@ -487,6 +487,8 @@ class DeviceProgram:
         if self.tunnel is not None:
             self.tunnel.close()
         if self.outbox is not None:
+            if self.qa is not None:
+                self.qa.save_count()  # the questions answered since the last offload count too
             with contextlib.suppress(Exception):
                 pending = len(self.outbox)
                 if pending:

@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL              -- a pending item is not sent before this (backoff), NULL: at once
 );
 CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, id);
+-- how many questions this device answered with each model version (EdgeQA's count, edge.asked),
+-- kept so that a restart goes on counting (created on older outboxes too when opened)
+CREATE TABLE IF NOT EXISTS asked_counts (
+    model_version TEXT PRIMARY KEY,
+    asked INTEGER NOT NULL
+);
 """
 
 # Statements that bring a file of schema version v to version v + 1.
@@ -169,6 +175,23 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def asked_count(self, model_version: str) -> int:
+        """The questions answered with ``model_version`` so far, as last saved (0: none)."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                "SELECT asked FROM asked_counts WHERE model_version = ?", (model_version,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def save_asked_count(self, model_version: str, asked: int) -> None:
+        """Keep the count (never lowered: a late writer with an older count changes nothing)."""
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT INTO asked_counts (model_version, asked) VALUES (?, ?) ON CONFLICT (model_version)"
+                " DO UPDATE SET asked = max(asked, excluded.asked)",
+                (model_version, int(asked)),
+            )
 
     def put(self, request: AskRequest) -> int:
         """Keep ``request`` until it is sent; returns its item id (the existing one if already put).

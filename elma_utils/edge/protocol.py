@@ -195,7 +195,8 @@ class EdgeResult:
     had no span; ``exit_layer`` is the 1-based layer that answered (null: none did);
     ``entropies`` has one span entropy per computed layer. ``asked`` (optional, signed when
     set): how many questions the device has answered with ``model_version`` so far, this one
-    included, settled ones too: the server needs it to price an offload threshold
+    included, settled ones too (``EdgeQA`` keeps the count in its outbox across restarts; the
+    server keeps the largest it saw): the server needs it to price an offload threshold
     (``server.offload_threshold``); a device that does not send it is left out of that.
     """
 

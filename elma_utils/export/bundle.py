@@ -229,11 +229,12 @@ def with_thresholds(
     src, out = Path(bundle_dir), Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another directory")
+    thresholds = check_thresholds(thresholds)  # before anything is written: no half-made copy
     manifest = copy_listed(src, out)
     spec = manifest.pop("skim", None) if drop_skim else None
     if spec:
         (out / spec["file"]).unlink()
-    (out / THRESHOLDS).write_text(json.dumps(check_thresholds(thresholds), indent=2, sort_keys=True))
+    (out / THRESHOLDS).write_text(json.dumps(thresholds, indent=2, sort_keys=True))
     manifest["model_version"] = model_version
     manifest["files"] = _file_entries(out)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -10,7 +10,8 @@ on train-v1.1 questions only), split **by article**:
 - *other articles*: every other article, for three disjoint jobs, each on its own articles:
   ``other`` measures forgetting, ``calibration`` chooses a retrained edge's E_T, ``guard``
   is the gate's held-out set with real labels; the articles left over (``offload_pool``,
-  whole articles, none shared with the others) are labelled questions the server holds for
+  none shared with the others; the last one cut at ``offload_pool_questions``, 0 or more; None:
+  all of them) are labelled questions the server holds for
   pricing an offload: few questions lie in the uncertain region above E_T (5 % of them), so
   learning what a disagreement there is worth needs many.
 
@@ -181,8 +182,8 @@ def split_domain(examples: Sequence, sizes: DomainSizes, seed: int = 0) -> Deplo
 
     Deployment articles are a seeded sample of the articles; the other articles, in a seeded
     order, fill ``other``, then ``calibration``, then ``guard``, whole articles each (the last
-    one cut at the quota); the articles left after them fill ``offload_pool`` (whole articles,
-    up to ``offload_pool_questions``). Raises ValueError when there are too few articles."""
+    one cut at the quota); the articles left after them fill ``offload_pool`` (up to
+    ``offload_pool_questions``, the last article cut there). Raises ValueError when there are too few articles."""
     articles = _by_key([e for e in examples if not getattr(e, "synthetic", False)], lambda e: e.title)
     titles = sorted(articles)
     rng = random.Random(seed)

@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 EXIT_PUBLISHED, EXIT_FAILED, EXIT_KEPT = 0, 1, 3
 ENV_STORE, ENV_ROOT, ENV_FULL_MODEL = "ELMA_STORE", "ELMA_SERVER_ROOT", "ELMA_FULL_MODEL"
 ENV_OPTIONS, ENV_RESULT = "ELMA_GROWTH_OPTIONS", "ELMA_GROWTH_RESULT"
-ENV_OFFLOAD = "ELMA_GROWTH_OFFLOAD"
+ENV_OFFLOAD, ENV_SERVER_MODEL = "ELMA_GROWTH_OFFLOAD", "ELMA_SERVER_MODEL"
 # the offload-threshold step after a refused retraining: on, within 0.3 F1 (estimated, and on the gate)
 OFFLOAD_DEFAULTS: dict[str, Any] = {"learn": True, "budget": 0.3, "tolerance": 0.3}
 NICENESS = 19
@@ -145,6 +145,7 @@ class GrowthSettings:
     full_model: Path | None = None  # retrain_edge(full_model_dir=): the backbone the exits sit on
     options: dict[str, Any] = field(default_factory=dict)  # retrain_edge keyword arguments
     offload: dict[str, Any] = field(default_factory=dict)  # the offload-threshold step (OFFLOAD_DEFAULTS)
+    server_model: Path | None = None  # the model the server answers with (`elma serve --model`)
     command: list[str] | None = None  # the step; default: python -m elma_utils.server.growth run
     check_s: float = 5.0  # how often the schedule is looked at (a stored question wakes it at once)
     stop_timeout_s: float = 10.0  # a step interrupted by shutdown: SIGTERM, then SIGKILL after this
@@ -170,6 +171,7 @@ class GrowthSettings:
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
         d["full_model"] = None if self.full_model is None else str(self.full_model)
+        d["server_model"] = None if self.server_model is None else str(self.server_model)
         return d
 
 
@@ -225,9 +227,13 @@ def _last_line(path: Path) -> str:
 
 
 def _numbers(result: dict) -> dict[str, Any]:
-    """The numbers of a ``RetrainResult`` worth keeping in the state file."""
+    """The numbers of a ``RetrainResult`` worth keeping in the state file; when the offload
+    step published instead, its candidate against the same weights without the threshold."""
+    offload = result.get("offload") or {}
     cur, cand = result.get("current") or {}, result.get("candidate") or {}
     recal = result.get("recalibration") or {}
+    if offload.get("published"):
+        cur, cand, recal = offload.get("base") or {}, offload.get("candidate") or {}, {}
     return {
         "current_version": result.get("current_version"),
         "current_f1": cur.get("f1"),
@@ -245,8 +251,8 @@ def _numbers(result: dict) -> dict[str, Any]:
         "E_T": recal.get("E_T"),
         "retrain_seconds": result.get("seconds"),
         "run_dir": result.get("run_dir"),
-        "E_offload": ((result.get("offload") or {}).get("learned") or {}).get("E_offload"),
-        "offload_reason": (result.get("offload") or {}).get("reason"),
+        "E_offload": (offload.get("learned") or {}).get("E_offload") if offload.get("published") else None,
+        "offload_reason": offload.get("reason"),
     }
 
 
@@ -388,10 +394,14 @@ class GrowthSupervisor:
                 ENV_RESULT: str(result),
             }
         )
-        if self.settings.full_model is not None:
-            env[ENV_FULL_MODEL] = str(Path(self.settings.full_model).resolve())
-        else:
-            env.pop(ENV_FULL_MODEL, None)
+        for name, path in (
+            (ENV_FULL_MODEL, self.settings.full_model),
+            (ENV_SERVER_MODEL, self.settings.server_model),
+        ):
+            if path is not None:
+                env[name] = str(Path(path).resolve())
+            else:
+                env.pop(name, None)
         return env
 
     def run(self, trigger: str) -> dict | None:
@@ -542,6 +552,9 @@ def run_step(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=os.environ.get(ENV_STORE))
     p.add_argument("--server-root", default=os.environ.get(ENV_ROOT))
     p.add_argument("--full-model", default=os.environ.get(ENV_FULL_MODEL))
+    p.add_argument(
+        "--server-model", default=os.environ.get(ENV_SERVER_MODEL), help="the model the server answers with"
+    )
     p.add_argument("--options", default=os.environ.get(ENV_OPTIONS, "{}"), help="retrain_edge options, JSON")
     p.add_argument("--result", default=os.environ.get(ENV_RESULT))
     p.add_argument(
@@ -578,21 +591,34 @@ def run_step(argv: list[str] | None = None) -> int:
 
 
 def offload_step(args: argparse.Namespace, options: dict[str, Any], offload: dict[str, Any]) -> dict:
-    """The offload threshold after a refused retraining (module note); its record as a dict."""
+    """The offload threshold after a refused retraining (module note); its record as a dict.
+    Its failure is recorded, never raised: the retraining's result stands."""
+    from elma_utils.edge.identity import DeviceRegistry
     from elma_utils.server import publish
     from elma_utils.server.offload_threshold import learn_from_store
 
     missing = [name for name in ("calibration", "dev_eval") if not options.get(name)]
-    if missing or not args.full_model:
-        needs = missing + ([] if args.full_model else ["full_model"])
-        return {"published": False, "reason": f"offload threshold not learned: needs {', '.join(needs)}"}
+    if missing:
+        return {"published": False, "reason": f"offload threshold not learned: needs {', '.join(missing)}"}
     print("growth step: the retrained edge was refused; learning the offload threshold", flush=True)
-    learned = learn_from_store(
-        args.store, args.server_root, full_model_dir=args.full_model,
-        calibration=publish.load_eval_set(Path(options["calibration"]), "calibration"),
-        guard=publish.load_eval_set(Path(options["dev_eval"]), "dev_eval"),
-        budget=offload["budget"], tolerance=offload["tolerance"],
-    )  # fmt: skip
+    try:
+        pointer = publish.read_latest(args.server_root)
+        model = args.server_model or args.full_model
+        if model is None and pointer is not None:  # as retrain_edge does: the model the exits sit on
+            model = publish.full_model_of(Path(args.server_root) / publish.EXITS_DIR / pointer.version)
+        keys = ServerLayout(Path(args.server_root)).authorized_keys
+        devices = sorted(DeviceRegistry(keys).devices()) if keys.is_file() else None  # revoked: left out
+        learned = learn_from_store(
+            args.store, args.server_root, full_model_dir=model,
+            calibration=publish.load_eval_set(Path(options["calibration"]), "calibration",
+                                              options.get("calibration_limit")),
+            guard=publish.load_eval_set(Path(options["dev_eval"]), "dev_eval", options.get("dev_limit")),
+            budget=offload["budget"], tolerance=offload["tolerance"], device_ids=devices,
+        )  # fmt: skip
+    except Exception as exc:
+        traceback.print_exc()
+        why = f"{type(exc).__name__}: {exc}"
+        return {"published": False, "error": why, "reason": f"offload threshold not learned: {why}"}
     return learned.to_dict()
 
 

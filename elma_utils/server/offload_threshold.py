@@ -10,12 +10,16 @@ device's last-layer answer and entropy beside the server's answer.
 The price of keeping a question on the device is (how much the two answers differ) × (what a
 difference is worth). The first part comes from the store, on the device's own texts, without
 any label: ``d = 1 − F1(edge answer, server answer)``. The second comes from labelled held-back
-questions (the calibration questions that also choose E_T), only those the device would
+questions of other texts (the calibration questions that also choose E_T, and as many more as
+the server holds: only ~5 % of questions lie above E_T), only those the device would
 offload (last-layer entropy above the current threshold: where the edge is unsure the server
 is worth more than on average): the F1 the server's answer gains over the edge's per unit of
 disagreement (``gain_per_disagreement``: an upper bootstrap percentile, and "the server is
 always right" when there are too few disagreements to tell). Keeping the stored offloads with
-entropy ≤ e then costs about ``100 · Σ g·d / questions asked`` F1 points, taken at an upper
+entropy ≤ e then costs about ``100 · Σ g·d / questions asked`` F1 points, where *questions
+asked* is what the devices reported (``edge.asked``; ``learn_from_store`` pools the published
+versions with the same weights, ``same_weights_versions``, and leaves out devices that sent
+no count or are no longer registered), taken at an upper
 bootstrap percentile over the stored rows too (the same rows price and choose the threshold);
 ``learn_offload_threshold`` picks the largest *observed* entropy whose cost stays within
 ``budget`` (questions above the highest observed one are still offloaded: the server keeps
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +58,7 @@ from elma_utils.export.bundle import (
 from elma_utils.server import publish
 
 OFFLOAD_KEY, COST_KEY = OFFLOAD_THRESHOLD_KEYS  # the threshold, and the F1 points it was estimated to cost
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -214,25 +220,50 @@ def without_offload_threshold(bundle: str | Path, out_dir: str | Path) -> Path:
     return _rewrite_thresholds(src, dst, for_new_weights(thresholds), f"base-{dst.parent.name}")
 
 
+# thresholds.json keys that decide *whether* to offload, not what the last layer answers: bundles
+# that differ only in them have comparable entropies and the same last-layer answers
+DECISION_KEYS = frozenset({"policy", "E_T", "patience", "predictor", OFFLOAD_KEY, COST_KEY})
+
+
 def weights_fingerprint(bundle: str | Path) -> str:
-    """sha256 over the manifest's files other than thresholds.json: the same for bundles that
-    differ only in their thresholds, whose entropies are therefore comparable."""
-    manifest = json.loads((Path(bundle) / MANIFEST).read_text())
+    """sha256 over what makes a bundle's last-layer answers and entropies: its files (not
+    thresholds.json), the manifest's other settings (not its version names) and the thresholds
+    that are not decisions (``rule``, ``null_threshold`` ...). Equal for bundles that differ
+    only in when they offload."""
+    bundle = Path(bundle)
+    manifest = json.loads((bundle / MANIFEST).read_text())
     files = sorted((name, f["sha256"]) for name, f in manifest["files"].items() if name != THRESHOLDS)
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    settings = {
+        k: v for k, v in manifest.items() if k not in ("files", "model_version", "source_model_version")
+    }
+    answers = {k: v for k, v in read_thresholds(bundle).items() if k not in DECISION_KEYS}
+    text = json.dumps([files, settings, answers], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def offload_floor(bundle: str | Path) -> float:
+    """The entropy above which ``bundle`` offloads what no exit settles: max(E_T, E_offload)."""
+    th = read_thresholds(bundle)
+    return max(float(th.get("E_T", float("-inf"))), float(th.get(OFFLOAD_KEY) or float("-inf")))
 
 
 def same_weights_versions(server_root: str | Path, version: str) -> list[str]:
-    """Every published version whose weights are ``version``'s (``version`` first): the stored
-    offloads of all of them are priced together."""
+    """Every published version whose weights are ``version``'s and which offloaded at least what
+    ``version`` offloads (its floor no higher: a version that kept more on the device counts
+    questions the store never saw), ``version`` first: their stored offloads are priced
+    together. A version whose bundle cannot be read is skipped."""
     bundles = publish.bundles_dir(server_root)
-    mine = weights_fingerprint(bundles / version)
-    others = sorted(
-        d.name
-        for d in bundles.iterdir()
-        if d.is_dir() and d.name != version and not d.name.startswith(".") and (d / MANIFEST).is_file()
-    )
-    return [version] + [v for v in others if weights_fingerprint(bundles / v) == mine]
+    mine, floor = weights_fingerprint(bundles / version), offload_floor(bundles / version)
+    out = [version]
+    for d in sorted(bundles.iterdir()):
+        if not d.is_dir() or d.name == version or d.name.startswith(".") or not (d / MANIFEST).is_file():
+            continue
+        try:
+            if weights_fingerprint(d) == mine and offload_floor(d) <= floor:
+                out.append(d.name)
+        except (OSError, ValueError, KeyError, TypeError):  # BundleError is a ValueError
+            log.warning("%s: not readable as a bundle; left out of the offload pricing", d)
+    return out
 
 
 def reported_questions(

@@ -5,6 +5,10 @@ per-layer entropies) and the server's answer, in one SQLite file. ``export_squad
 the store into SQuAD json with the server answers as pseudo-labels, split by context, to
 retrain or distil the edge model.
 
+The devices' counts: an ask may carry ``edge.asked``, how many questions the device answered
+with its model version; ``device_counts`` keeps the largest per device and version (the
+denominator of the offload threshold's price, ``questions_asked``).
+
 Durability: WAL journal and ``synchronous=FULL``, one transaction per record, so a record
 that ``record`` returned survives a crash or ``kill -9`` of the server.
 
@@ -112,7 +116,8 @@ class DurableSqlite:
     """One SQLite connection (WAL, synchronous=FULL, foreign keys) shared by threads under a lock.
 
     ``application_id`` marks what the file is, so a store is never opened as an outbox or
-    the other way round; ``schema`` is run (idempotently) when the file is new.
+    the other way round; ``schema`` is run (idempotently) every time the file is opened, so a
+    table added to it later is created in older files too.
     """
 
     def __init__(
