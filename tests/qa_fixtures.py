@@ -32,6 +32,32 @@ def save_tiny_artifact(directory: Path, tokenizer, seed: int = 0, num_layers: in
     return artifacts.save_artifact(Path(directory), tiny_span_model(seed, num_layers), tokenizer, config)
 
 
+def save_tiny_exits(
+    root: Path, tokenizer, seed: int = 3, num_layers: int = 3, train_examples: int = 40
+) -> Path:
+    """A tiny BERT saved as a full-model artifact (its profile: smoke with ``train_examples``
+    questions) and an exits artifact on it (random weights; the last exit is its QA head)."""
+    import dataclasses
+    import json
+
+    from elma_utils import config as cfg
+    from elma_utils.early_exit.experiment import EXITS_CONFIG, EXITS_WEIGHTS
+    from elma_utils.model.multi_exit import MultiExitQAModel
+
+    profile = dataclasses.replace(cfg.get_profile("smoke"), train_examples=train_examples, **TINY_WINDOWS)
+    span = tiny_span_model(seed=seed, num_layers=num_layers)
+    config = {"backbone": {"kind": "bert", "kwargs": {**TINY_BERT, "num_layers": num_layers}}, **TINY_WINDOWS,
+              "profile": dataclasses.asdict(profile), "model_version": f"tiny-exits-{seed}-{num_layers}"}  # fmt: skip
+    full = artifacts.save_artifact(Path(root) / "tiny", span, tokenizer, config)
+    exits = Path(root) / "tiny-exits-joint"
+    exits.mkdir()
+    MultiExitQAModel.from_span_model(span).save_weights(exits / EXITS_WEIGHTS)
+    (exits / EXITS_CONFIG).write_text(
+        json.dumps({"full_model": str(full), "mode": "joint", "num_exits": num_layers})
+    )
+    return exits
+
+
 def write_tiny_bundle(directory: Path, tokenizer, entropy_threshold: float, seed: int = 0) -> Path:
     """An edge bundle (float32, 2 layers) whose policy exits at ``entropy_threshold``."""
     from elma_utils.export.bundle import write_bundle

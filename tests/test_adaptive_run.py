@@ -4,7 +4,6 @@ fitted on the skimmed runtime."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -94,25 +93,9 @@ def test_predictor_from_skimmed_stats_records_the_keep_rule_and_refuses_the_othe
 @pytest.fixture(scope="module")
 def tiny_exits(minilm_tokenizer, tmp_path_factory):
     """A 3-layer tiny BERT saved as a full-model artifact and an exits artifact (random weights)."""
-    from qa_fixtures import TINY_WINDOWS, tiny_span_model
+    from qa_fixtures import save_tiny_exits
 
-    from elma_utils import config as cfg
-    from elma_utils.early_exit.experiment import EXITS_CONFIG, EXITS_WEIGHTS
-    from elma_utils.model import artifacts
-    from elma_utils.model.backbones import TINY_BERT
-    from elma_utils.model.multi_exit import MultiExitQAModel
-
-    root = tmp_path_factory.mktemp("adaptive-run")
-    profile = dataclasses.replace(cfg.get_profile("smoke"), train_examples=40, **TINY_WINDOWS)
-    span = tiny_span_model(seed=3, num_layers=3)
-    config = {"backbone": {"kind": "bert", "kwargs": {**TINY_BERT, "num_layers": 3}}, **TINY_WINDOWS,
-              "profile": dataclasses.asdict(profile), "model_version": "tiny-adaptive-3"}  # fmt: skip
-    full = artifacts.save_artifact(root / "tiny", span, minilm_tokenizer, config)
-    exits = root / "tiny-exits-joint"
-    exits.mkdir()
-    MultiExitQAModel.from_span_model(span).save_weights(exits / EXITS_WEIGHTS)
-    (exits / EXITS_CONFIG).write_text(json.dumps({"full_model": str(full), "mode": "joint", "num_exits": 3}))
-    return exits
+    return save_tiny_exits(tmp_path_factory.mktemp("adaptive-run"), minilm_tokenizer)
 
 
 def test_adaptive_run_from_an_exits_artifact_to_the_benchmark_json(tiny_exits, tmp_path, monkeypatch, capsys):

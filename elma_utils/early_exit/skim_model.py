@@ -74,16 +74,23 @@ class SkimmedForward:
             return x, ops.stack(starts, axis=1), ops.stack(ends, axis=1)
 
         def back(x, padding_mask, segment_ids):
-            mask = answer_space_mask(segment_ids, padding_mask)
-            starts, ends = [], []
-            for i in range(self.layer, model.num_exits):
-                x = enc.layer(i, x, padding_mask, training=False)
-                s, e = model.exit_heads[i](x, mask)
-                starts.append(s)
-                ends.append(e)
-            return ops.stack(starts, axis=1), ops.stack(ends, axis=1)
+            return exits_after(model, self.layer, x, padding_mask, segment_ids)
 
         self.front, self.back = _compile(front), _compile(back)
+
+
+def exits_after(model: MultiExitQAModel, layer: int, x, padding_mask, segment_ids, training: bool = False):
+    """Start, end logits [B, K - layer, L'] of exits layer+1..K, run on the hidden states
+    ``x`` after ``layer`` (the kept positions, for a skimmed batch). Shared by evaluation
+    (``SkimmedForward``) and training with skimming in the loop (``skim_finetune``)."""
+    mask = answer_space_mask(segment_ids, padding_mask)
+    starts, ends = [], []
+    for i in range(layer, model.num_exits):
+        x = model.encoder.layer(i, x, padding_mask, training=training)
+        s, e = model.exit_heads[i](x, mask)
+        starts.append(s)
+        ends.append(e)
+    return keras.ops.stack(starts, axis=1), keras.ops.stack(ends, axis=1)
 
 
 def skim_batch(
