@@ -18,6 +18,18 @@ from elma_utils.model.qa_model import SpanQAModel
 TINY_WINDOWS = {"max_seq_len": 96, "doc_stride": 48, "max_query_len": 24}
 
 
+class StopAfterChunks(keras.callbacks.Callback):
+    """Interrupt a chunked (checkpointed) fit after ``chunks`` chunks, as a killed run would."""
+
+    def __init__(self, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.chunks:
+            raise KeyboardInterrupt
+
+
 def tiny_span_model(seed: int = 0, num_layers: int = 2) -> SpanQAModel:
     keras.utils.set_random_seed(seed)
     model = SpanQAModel(build_bert_backbone(dropout=0.0, **{**TINY_BERT, "num_layers": num_layers}))

@@ -50,3 +50,36 @@ def test_cross_fitted_exit_against_a_stronger_reference_reports_the_miss():
     assert r["reference_f1"] == 80.0 and r["f1"] == 78.0 and r["f1_loss"] == pytest.approx(2.0)
     ok = cross_fitted_exit({"f1": f1, "entropy": entropy}, titles, 1.0)
     assert ok["within_target_on_tuning_halves"] is True and ok["reference_f1"] == 78.0
+
+
+def test_the_exits_command_trains_resumably_and_refuses_what_it_cannot_start_from(
+    minilm_tokenizer, tmp_path, monkeypatch, capsys
+):
+    """``python -m elma_utils.early_exit.experiment``: joint_distill from named exits on a tiny
+    artifact, checkpointed (the checkpoint is gone once the artifact is written); errors first."""
+    import json
+
+    from qa_fixtures import save_tiny_exits
+
+    from elma_utils.early_exit import experiment
+
+    monkeypatch.setenv("ELMA_CACHE_DIR", str(tmp_path / "cache"))
+    start = save_tiny_exits(tmp_path / "models", minilm_tokenizer, train_examples=24)
+    full = tmp_path / "models" / "tiny"
+    out = tmp_path / "models" / "tiny-exits-jd"
+    with pytest.raises(SystemExit):
+        experiment.main(["--full", str(tmp_path), "--out", str(out)])
+    assert "is no full-model artifact" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # joint_distill starts from <full>-exits-distill, which is missing
+        experiment.main(["--full", str(full), "--out", str(out)])
+    assert "no exits to start from" in capsys.readouterr().err
+    argv = ["--full", str(full), "--init-exits", str(start), "--out", str(out), "--epochs", "1",
+            "--checkpoint-every", "2"]  # fmt: skip
+    assert experiment.main(argv) == 0
+    assert "joint_distill, 1 epochs" in capsys.readouterr().out
+    ecfg = json.loads((out / "exits.json").read_text())
+    assert ecfg["mode"] == "joint_distill" and ecfg["init_exits"] == str(start) and ecfg["epochs"] == 1.0
+    assert ecfg["train"]["steps"] % 2 == 0 and ecfg["train"]["resumed_from_step"] == 0
+    assert not (out / experiment.CHECKPOINT_DIR).exists()
+    multi, *_ = experiment.load_exits(out)
+    assert multi.num_exits == 3

@@ -9,6 +9,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from qa_fixtures import StopAfterChunks
 
 from elma_utils.model import artifacts
 from elma_utils.model.backbones import TINY_BERT, LayerwiseEncoder, build_bert_backbone
@@ -124,16 +125,6 @@ TRAIN = dict(
 )
 
 
-class _StopAfter(keras.callbacks.Callback):
-    def __init__(self, chunks):
-        super().__init__()
-        self.chunks = chunks
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 >= self.chunks:
-            raise KeyboardInterrupt
-
-
 def test_training_learns_and_resumes_exactly(tmp_path, small_features):
     steps = len(small_features) // 8
     assert steps >= 6
@@ -151,7 +142,7 @@ def test_training_learns_and_resumes_exactly(tmp_path, small_features):
             interrupted,
             small_features,
             checkpoint_dir=tmp_path / "b",
-            extra_callbacks=[_StopAfter(1)],
+            extra_callbacks=[StopAfterChunks(1)],
             **TRAIN,
         )
     assert json.loads((tmp_path / "b" / "state.json").read_text())["chunks_done"] == 1

@@ -101,3 +101,34 @@ def test_two_stage_training_changes_only_the_exits(dev_v11, minilm_tokenizer):
     # the last exit's logits equal the fine-tuned model's (training changed no shared weight)
     x = feats.model_inputs(np.arange(4))
     np.testing.assert_allclose(start[:4, -1, :96], span(x)["start_logits"], atol=1e-4)
+
+
+def test_joint_distill_checkpoints_and_a_resumed_run_matches_an_uninterrupted_one(
+    dev_v11, minilm_tokenizer, tmp_path
+):
+    """A long joint_distill run (a whole epoch on a CPU) survives being killed: every chunk is
+    checkpointed (weights and optimizer state) and a fresh process continues exactly."""
+    import json
+
+    from qa_fixtures import StopAfterChunks
+
+    feats = build_features(dev_v11.examples[:30], minilm_tokenizer, max_seq_len=96, doc_stride=48,
+                           max_query_len=24, progress=False)  # fmt: skip
+    args = dict(
+        mode="joint_distill", batch_size=8, epochs=1.0, learning_rate=1e-3, verbose=0, checkpoint_every=2
+    )
+    whole = MultiExitQAModel.from_span_model(_span_model())
+    stats = fit_exit_heads(whole, feats, checkpoint_dir=tmp_path / "a", **args)
+    assert stats["steps"] % 2 == 0 and stats["steps"] >= 4 and stats["resumed_from_step"] == 0
+    assert json.loads((tmp_path / "a" / "state.json").read_text())["chunks_done"] == stats["steps"] // 2
+    with pytest.raises(KeyboardInterrupt):
+        fit_exit_heads(MultiExitQAModel.from_span_model(_span_model()), feats, checkpoint_dir=tmp_path / "b",
+                       extra_callbacks=[StopAfterChunks(1)], **args)  # fmt: skip
+    resumed = MultiExitQAModel.from_span_model(_span_model(seed=7))  # other weights: all from the checkpoint
+    again = fit_exit_heads(resumed, feats, checkpoint_dir=tmp_path / "b", **args)
+    assert again["resumed_from_step"] == 2 and again["steps"] == stats["steps"]
+    start = MultiExitQAModel.from_span_model(_span_model())
+    moved = [not np.allclose(a, b) for a, b in zip(whole.get_weights(), start.get_weights(), strict=True)]
+    assert any(moved)  # joint_distill trains the backbone too
+    for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from elma_utils.model.precision import set_policy, training_policy
 
 EXITS_CONFIG = "exits.json"
 EXITS_WEIGHTS = "exits.weights.h5"
+CHECKPOINT_DIR = "checkpoint"  # train_exits(checkpoint_every=...): removed once the artifact is written
 
 
 def train_exits(
@@ -39,6 +41,7 @@ def train_exits(
     data_dir: Path | None = None,
     init_exits: Path | None = None,
     hard_negative_ratio: float = 0.0,
+    checkpoint_every: int | None = None,
     verbose: int | str = "auto",
 ) -> Path:
     """Fit one exit head per layer of ``full_model_dir``'s model; returns the exits artifact.
@@ -47,7 +50,8 @@ def train_exits(
     continuing from ``distill``) instead of fresh heads on the fine-tuned model.
     ``hard_negative_ratio``: add that many hard made-up unanswerable questions per answerable
     one (``squad.hard_negatives``), so that modes that train the backbone learn SQuAD 2.0's
-    on-topic "no answer" too."""
+    on-topic "no answer" too. ``checkpoint_every``: checkpoint every that many steps in
+    ``<out>/checkpoint/`` and resume there (a long run, e.g. an epoch of ``joint_distill``)."""
     from elma_utils.model.finetune import training_examples
     from elma_utils.squad.features import cached_features
 
@@ -84,6 +88,8 @@ def train_exits(
             learning_rate=learning_rate,
             log_csv=None,
             verbose=verbose,
+            checkpoint_dir=out / CHECKPOINT_DIR if checkpoint_every else None,
+            checkpoint_every=checkpoint_every or 100,
         )
         stats["seconds"] = round(time.time() - t0, 1)
     finally:
@@ -108,6 +114,7 @@ def train_exits(
             indent=2,
         )
     )
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return out
 
 
@@ -128,6 +135,7 @@ def train_exits_for_profile(
         learning_rate=profile.joint_distill_learning_rate,
         init_exits=distill,
         hard_negative_ratio=profile.hard_negative_ratio,
+        checkpoint_every=profile.checkpoint_every,
         data_dir=data_dir,
         verbose=verbose,
     )
@@ -350,3 +358,48 @@ def measure_speedup(
     result["questions"] = len(examples)
     result["threshold"] = threshold
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m elma_utils.early_exit.experiment --full DIR --mode MODE [--epochs E]``: train
+    exits outside the notebooks, checkpointed and resumable (e.g. a whole epoch of
+    ``joint_distill`` in the background), with the full model's profile for everything else."""
+    import argparse
+
+    from elma_utils.model.multi_exit import EXIT_MODES
+
+    p = argparse.ArgumentParser(description="train the exits of a fine-tuned model (resumable)")
+    p.add_argument("--full", type=Path, required=True, help="fine-tuned full-model artifact (notebook 02)")
+    p.add_argument("--mode", choices=EXIT_MODES, default="joint_distill")
+    p.add_argument("--epochs", type=float, default=None, help="default: the profile's for the mode")
+    p.add_argument("--learning-rate", type=float, default=None, help="default: the profile's for the mode")
+    p.add_argument("--init-exits", type=Path, default=None,
+                   help="start from these exits (joint_distill default: <full>-exits-distill)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="default: <full>-exits-<mode>")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=None, help="steps per checkpoint (default: the profile's)"
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="directory holding the SQuAD files")
+    args = p.parse_args(argv)
+    if not (args.full / artifacts.CONFIG_FILE).is_file():
+        p.error(f"{args.full} is no full-model artifact (no {artifacts.CONFIG_FILE}): run notebook 02 first")
+    if args.epochs is not None and args.epochs <= 0:
+        p.error("--epochs must be > 0")
+    profile = cfg.Profile(**json.loads((args.full / artifacts.CONFIG_FILE).read_text())["profile"])
+    joint = args.mode == "joint_distill"
+    init = args.init_exits or (args.full.parent / f"{args.full.name}-exits-distill" if joint else None)
+    if init is not None and not (init / EXITS_WEIGHTS).is_file():
+        p.error(f"no exits to start from at {init}: train them first (--mode distill) or name --init-exits")
+    epochs = args.epochs or (profile.joint_distill_epochs if joint else profile.exit_epochs)
+    rate = args.learning_rate or (profile.joint_distill_learning_rate if joint else 5e-4)
+    out = train_exits(args.full, args.mode, profile=profile, epochs=epochs, learning_rate=rate, out_dir=args.out,
+                      data_dir=args.data_dir, init_exits=init, hard_negative_ratio=profile.hard_negative_ratio,
+                      checkpoint_every=args.checkpoint_every or profile.checkpoint_every)  # fmt: skip
+    print(f"exits: {out} ({args.mode}, {epochs:g} epochs from {init or 'fresh heads'})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
