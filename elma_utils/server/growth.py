@@ -264,7 +264,7 @@ class GrowthSupervisor:
     ):
         self.layout = ServerLayout(Path(server_root))
         self.store_path = Path(store_path)
-        self.settings = settings
+        self.settings = settings.check()  # fail at start, not at the first run; normalised once
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -390,7 +390,7 @@ class GrowthSupervisor:
                 ENV_STORE: str(self.store_path.resolve()),
                 ENV_ROOT: str(self.layout.root.resolve()),
                 ENV_OPTIONS: json.dumps(self.settings.options),
-                ENV_OFFLOAD: json.dumps(check_offload(self.settings.offload)),
+                ENV_OFFLOAD: json.dumps(self.settings.offload),
                 ENV_RESULT: str(result),
             }
         )

@@ -292,11 +292,7 @@ def _last_layer_answers(bundle: Path, examples: Sequence, cache_dir: Path) -> di
     the weights and the questions (the offload step runs again and again on the same weights)."""
     from elma_utils.atomic_files import write_bytes_atomic
 
-    key = hashlib.sha256(
-        json.dumps(
-            [weights_fingerprint(bundle)] + [[e.qas_id, e.question, e.context] for e in examples]
-        ).encode()
-    ).hexdigest()[:24]
+    key = publish.answers_cache_key(examples, weights_fingerprint(bundle))
     cached = Path(cache_dir) / f"edge-last-layer-{key}.json"
     if cached.is_file():
         try:

@@ -419,6 +419,13 @@ def full_model_of(exits_dir: str | os.PathLike, full_model_dir: str | os.PathLik
     return Path(json.loads(cfg_path.read_text())["full_model"])
 
 
+def answers_cache_key(examples: Sequence, *model_key: Any) -> str:
+    """A file-name-safe key for a model's answers to ``examples``: ``model_key`` (what makes
+    the model's answers, JSON-able) and every question's id, text and context."""
+    items = list(model_key) + [[e.qas_id, e.question, e.context] for e in examples]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:24]
+
+
 def server_answers_for(
     full_model_dir: str | os.PathLike, examples: Sequence, cache_dir: str | os.PathLike | None = None
 ) -> dict[str, str]:
@@ -430,12 +437,7 @@ def server_answers_for(
     full = Path(full_model_dir)
     weights = full / artifacts.WEIGHTS_FILE
     st = weights.stat() if weights.is_file() else None
-    key = hashlib.sha256(
-        json.dumps(
-            [str(full.resolve()), st and [st.st_size, st.st_mtime_ns]]
-            + [[e.qas_id, e.question, e.context] for e in examples]
-        ).encode()
-    ).hexdigest()[:24]
+    key = answers_cache_key(examples, str(full.resolve()), st and [st.st_size, st.st_mtime_ns])
     cached = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         with contextlib.suppress(OSError, json.JSONDecodeError):
