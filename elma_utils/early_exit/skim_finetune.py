@@ -1,7 +1,7 @@
 """Skimming in the loop: fine-tune the layers after the skim layer on the positions it keeps.
 
     python -m elma_utils.early_exit.skim_finetune --exits artifacts/minilm-cpu-exits-distill \\
-        --layer 2 --out artifacts/minilm-cpu-exits-skimtuned-L2 [--epochs 0.5] [--taus 0.1,0.2,0.3]
+        --layer 2 --out artifacts/minilm-cpu-exits-skimtuned-L2 [--epochs 0.5] [--taus 0.7,0.8]
 
 A skim head trained on a frozen model (``skim_model.train_skim_head``) drops passage blocks,
 but the layers after it were trained on whole windows: on the shorter sequence they lose
@@ -44,7 +44,7 @@ from elma_utils.early_exit.skim import NEG_INF, SKIM_FILE, SkimHead, gather_rows
 MODE = "skim_finetune"
 CHECKPOINT = "skim-finetune-checkpoint.npz"
 LOG = "skim-finetune-log.csv"
-DEFAULT_TAUS = (0.1, 0.2, 0.3)
+DEFAULT_TAUS = (0.7, 0.75, 0.8, 0.85)  # where MiniLM's heads keep ~50-20 % of the blocks (adaptive_run)
 
 
 def kept_label(positions: np.ndarray, label: np.ndarray) -> np.ndarray:
