@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=110, bbox_inches="tight")
     result["figure"] = str(figure)
-    write_json_atomic(args.out_dir / "metrics" / METRICS, result)
+    metrics = args.out_dir / "metrics" / METRICS
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(metrics, result)
     for s, per_tau in result["layers"].items():
         for t, rules in per_tau.items():
             print(f"layer {s} tau {t}: " + "; ".join(
