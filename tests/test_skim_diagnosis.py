@@ -66,4 +66,6 @@ def test_the_command_on_a_tiny_model(minilm_tokenizer, tmp_path, capsys):
         assert rules["random"]["kept_share"] >= rules["head"]["kept_share"]
     assert runs["0.7"]["head"]["kept_share"] <= runs["0.3"]["head"]["kept_share"]
     assert (out / "figures" / sd.FIGURE).stat().st_size > 1000
+    [finding] = result["findings"]
+    assert finding.startswith("Skim after layer 1, tau ") and "loses" in finding
     assert "layer 1 tau 0.3: head F1" in capsys.readouterr().out

@@ -170,6 +170,22 @@ def diagnose(exits_dir: Path, layers: list[int], taus: list[float], questions: i
     return result
 
 
+def findings(result: dict[str, Any]) -> list[str]:
+    """Sentences for the report, per layer at the tau where the head keeps closest to half the
+    tokens: what the head loses, and what perfect recall and random blocks lose there."""
+    out = []
+    for s, per_tau in sorted(result["layers"].items(), key=lambda kv: int(kv[0])):
+        tau, rules = min(per_tau.items(), key=lambda kv: abs(kv[1]["head"]["kept_share"] - 0.5))
+        h, o, r = (rules[k] for k in RULES)
+        out.append(
+            f"Skim after layer {s}, tau {tau} ({result['questions']} dev-v1.1 questions): the head keeps "
+            f"{h['kept_share']:.0%} of the tokens and loses {h['f1_loss']:.1f} F1; with the answer's blocks also "
+            f"kept ({o['kept_share']:.0%}) the loss is {o['f1_loss']:.1f}, and dropping random blocks other than "
+            f"the answer's ({r['kept_share']:.0%} kept) loses {r['f1_loss']:.1f}."
+        )
+    return out
+
+
 def plot(result: dict[str, Any]):
     """F1 against kept share per layer: the three rules, the full model and the 1-F1 budget."""
     import matplotlib
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({**provenance.provenance(),
                    "command": shlex.join(["python", "-m", "elma_utils.bench.skim_diagnosis", *argv_used]),
                    "exits": str(args.exits)})  # fmt: skip
+    result["findings"] = findings(result)
     fig = plot(result)
     figure = args.out_dir / "figures" / FIGURE
     figure.parent.mkdir(parents=True, exist_ok=True)

@@ -323,7 +323,10 @@ SECTIONS: dict[str, SectionSpec] = {
         ),
         {
             "bench_pipeline_stage_latency": "Time per stage of a spoken question (ms, p50), early exit against "
-            "all layers."
+            "all layers.",
+            "bench_skim_diagnosis": "Adaptive width: F1 against the share of tokens kept past the skim layer "
+            "(dev-v1.1), for the skim head, the head plus the answer's blocks (perfect recall) and random blocks "
+            "with the answer kept; dashed: the full model, grey: within 1 F1.",
         },  # fmt: skip
     ),
 }
