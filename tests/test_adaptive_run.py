@@ -111,6 +111,7 @@ def test_adaptive_run_from_an_exits_artifact_to_the_benchmark_json(tiny_exits, t
     out = tmp_path / "reports" / "metrics" / "bench_adaptive.json"
     result = json.loads(out.read_text())
     assert result["command"].startswith("python -m elma_utils.bench.adaptive_run --exits")
+    assert result["produced_by"]["command"] == result["command"] and "commit" in result["produced_by"]
     assert result["bench_command"].startswith("python -m elma_utils.bench.adaptive --bundle")
     run = result["adaptive_run"]
     layer = run["skim_layer"]["chosen_layer"]

@@ -52,9 +52,10 @@ def test_the_command_on_a_tiny_model(minilm_tokenizer, tmp_path, capsys):
     head.save(exits / "adaptive" / "L1" / "skim.npz")
     assert sd.main(["--exits", str(exits), "--layers", "1", "--taus", "0.3,0.7", "--questions", "12",
                     "--out-dir", str(out)]) == 0  # fmt: skip
-    result = json.loads((out / "metrics" / sd.METRICS).read_text())
-    assert result["command"].startswith("python -m elma_utils.bench.skim_diagnosis --exits")
-    assert "commit" in result and result["questions"] >= 12 and 0 <= result["full_f1"] <= 100
+    result = json.loads((out / "metrics" / f"{sd.METRICS}.json").read_text())
+    produced = result["produced_by"]
+    assert produced["command"].startswith("python -m elma_utils.bench.skim_diagnosis --exits")
+    assert "commit" in produced and result["questions"] >= 12 and 0 <= result["full_f1"] <= 100
     runs = result["layers"]["1"]
     assert set(runs) == {"0.3", "0.7"}
     for rules in runs.values():
@@ -65,7 +66,7 @@ def test_the_command_on_a_tiny_model(minilm_tokenizer, tmp_path, capsys):
         assert rules["head_and_answer"]["kept_share"] >= rules["head"]["kept_share"]
         assert rules["random"]["kept_share"] >= rules["head"]["kept_share"]
     assert runs["0.7"]["head"]["kept_share"] <= runs["0.3"]["head"]["kept_share"]
-    assert (out / "figures" / sd.FIGURE).stat().st_size > 1000
+    assert (out / "figures" / f"{sd.FIGURE}.png").stat().st_size > 1000
     [finding] = result["findings"]
     assert finding.startswith("Skim after layer 1, tau ") and "loses" in finding
     assert "layer 1 tau 0.3: head F1" in capsys.readouterr().out

@@ -264,11 +264,13 @@ def run(
     predictions_dir = Path(predictions_dir or reports / "predictions")
     figures_dir = Path(figures_dir or reports / "figures")
     edge = EdgeModel.load(bundle, num_threads=num_threads)
+    command = shlex.join(
+        ["python", "-m", "elma_utils.bench.adaptive", *(sys.argv[1:] if argv is None else argv)]
+    )
     result: dict[str, Any] = {
         **provenance.provenance(),
-        "command": shlex.join(
-            ["python", "-m", "elma_utils.bench.adaptive", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": command,
+        provenance.KEY: {**provenance.provenance(), "command": command},  # what the report reads
         "bundle": str(bundle),
         "precision": edge.manifest.get("precision"),
         "model_version": edge.manifest.get("model_version"),

@@ -344,6 +344,7 @@ def run(
     result["command"] = "python -m elma_utils.bench.adaptive_run " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    result.setdefault("produced_by", {})["command"] = result["command"]
     calibration_summary = {
         str(s): {v: {mode: {key: cf[key] for key in ("f1", "full_f1", "f1_loss", "speedup_cost_model", "avg_layers",
                                                      "kept_token_share", "within_target_on_tuning_halves",

@@ -48,8 +48,8 @@ RULE_LABELS = {
     "head_and_answer": "head + the answer's blocks (perfect recall)",
     "random": "random blocks, answer kept (same share)",
 }
-FIGURE = "bench_skim_diagnosis.png"
-METRICS = "bench_skim_diagnosis.json"
+FIGURE = "bench_skim_diagnosis"  # reports/figures/<FIGURE>.png
+METRICS = "bench_skim_diagnosis"  # reports/metrics/<METRICS>.json
 
 KeepRule = Callable[[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 
@@ -217,8 +217,8 @@ def plot(result: dict[str, Any]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from elma_utils.atomic_files import write_json_atomic
     from elma_utils.report import provenance
+    from elma_utils.reporting import save_figure, save_metrics
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -245,18 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"python -m elma_utils.bench.adaptive_run --exits {args.exits} --layers {args.layers} first")  # fmt: skip
     result = diagnose(args.exits, layers, taus, args.questions, args.data_dir)
     argv_used = sys.argv[1:] if argv is None else argv
-    result.update({**provenance.provenance(),
-                   "command": shlex.join(["python", "-m", "elma_utils.bench.skim_diagnosis", *argv_used]),
-                   "exits": str(args.exits)})  # fmt: skip
+    command = shlex.join(["python", "-m", "elma_utils.bench.skim_diagnosis", *argv_used])
+    result[provenance.KEY] = {**provenance.provenance(), "command": command}
+    result["exits"] = str(args.exits)
     result["findings"] = findings(result)
-    fig = plot(result)
-    figure = args.out_dir / "figures" / FIGURE
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=110, bbox_inches="tight")
-    result["figure"] = str(figure)
-    metrics = args.out_dir / "metrics" / METRICS
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(metrics, result)
+    result["figure"] = str(save_figure(plot(result), FIGURE, args.out_dir))
+    save_metrics(METRICS, result, args.out_dir)
     for s, per_tau in result["layers"].items():
         for t, rules in per_tau.items():
             print(f"layer {s} tau {t}: " + "; ".join(
