@@ -267,10 +267,10 @@ def run(
     command = shlex.join(
         ["python", "-m", "elma_utils.bench.adaptive", *(sys.argv[1:] if argv is None else argv)]
     )
+    produced = {**provenance.provenance(), "command": command}  # one git call for both places
     result: dict[str, Any] = {
-        **provenance.provenance(),
-        "command": command,
-        provenance.KEY: {**provenance.provenance(), "command": command},  # what the report reads
+        **produced,
+        provenance.KEY: produced,  # what the report reads
         "bundle": str(bundle),
         "precision": edge.manifest.get("precision"),
         "model_version": edge.manifest.get("model_version"),
