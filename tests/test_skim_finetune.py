@@ -104,8 +104,12 @@ def test_a_resumed_run_replays_the_same_steps(setup, tmp_path):
     )
     assert all(0 < float(r.split(",")[3]) <= 1 for r in log[1:])
     other = SkimHead(head.w, head.b, layer=2)  # a checkpoint of another layer is refused
-    with pytest.raises(ValueError, match="another model or layer"):
-        sf.finetune_with_skim(_model(), other, feats, checkpoint_dir=tmp_path, **{**args, "steps": 8})
+    with pytest.raises(ValueError, match=r"other settings \(skim_layer\)"):
+        sf.finetune_with_skim(_model(), other, feats, checkpoint_dir=tmp_path, **args)
+    with pytest.raises(ValueError, match=r"other settings \(steps, taus\)"):  # so are other taus or length
+        sf.finetune_with_skim(
+            _model(), head, feats, checkpoint_dir=tmp_path, **{**args, "steps": 8, "taus": (0.4,)}
+        )
 
 
 def test_bad_settings_are_refused_before_training(setup):

@@ -98,21 +98,29 @@ def _trained_parts(model, layer: int) -> list:
     )
 
 
-def _save_checkpoint(path: Path, step: int, variables: list, optimizer) -> None:
+def _save_checkpoint(path: Path, step: int, variables: list, optimizer, recipe: dict) -> None:
     from elma_utils.atomic_files import write_bytes_atomic
 
     buf = io.BytesIO()
     arrays = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
     arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
-    np.savez(buf, step=np.int64(step), **arrays)
+    np.savez(buf, step=np.int64(step), recipe=np.array(json.dumps(recipe, sort_keys=True)), **arrays)
     write_bytes_atomic(path, buf.getvalue())
 
 
-def _load_checkpoint(path: Path, variables: list, optimizer) -> int:
-    """Restore weights and optimizer state; returns the steps already done (0: none)."""
+def _load_checkpoint(path: Path, variables: list, optimizer, recipe: dict) -> int:
+    """Restore weights and optimizer state; returns the steps already done (0: none).
+
+    The checkpoint records the run's recipe (taus, steps, batch, learning rate, …): resuming
+    it with another one would silently mix two runs, so that is refused."""
     if not path.is_file():
         return 0
     with np.load(path) as d:
+        saved = json.loads(str(d["recipe"])) if "recipe" in d.files else None
+        if saved != json.loads(json.dumps(recipe, sort_keys=True)):
+            changed = sorted(k for k in recipe if saved is None or saved.get(k) != recipe[k])
+            raise ValueError(f"{path} was written with other settings ({', '.join(changed) or 'unrecorded'}): "
+                             "rerun with the same ones, or delete it to start over")  # fmt: skip
         n_opt = sum(1 for k in d.files if k.startswith("o"))
         if sum(1 for k in d.files if k.startswith("v")) != len(variables) or n_opt != len(
             optimizer.variables
@@ -181,7 +189,10 @@ def finetune_with_skim(
     optimizer = adamw(learning_rate, int(steps), int(warmup_fraction * steps), weight_decay)
     optimizer.build(variables)
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    done = _load_checkpoint(ckpt, variables, optimizer) if ckpt else 0
+    recipe = {"taus": list(taus), "steps": int(steps), "batch_size": int(batch_size), "seed": int(seed),
+              "learning_rate": float(learning_rate), "alpha": float(alpha), "temperature": float(temperature),
+              "skim_layer": s, "windows": len(features)}  # fmt: skip
+    done = _load_checkpoint(ckpt, variables, optimizer, recipe) if ckpt else 0
     fwd = SkimmedForward(model, s)
     spec = [tf.TensorSpec((None, None, None), tf.float32)] + [tf.TensorSpec((None, None), tf.int32)] * 2
     spec += [tf.TensorSpec((None, None), tf.float32)] * 2 + [tf.TensorSpec((None,), tf.int32)] * 2
@@ -224,7 +235,7 @@ def finetune_with_skim(
             with log_path.open("a") as f:
                 f.write(f"{step + 1},{tau:g},{loss:.5f},{share:.4f},{label_kept:.4f}\n")
         if ckpt and ((step + 1) % int(checkpoint_every) == 0 or step + 1 == last):
-            _save_checkpoint(ckpt, step + 1, variables, optimizer)
+            _save_checkpoint(ckpt, step + 1, variables, optimizer, recipe)
     return {
         "steps": int(steps),
         "steps_done": last,
