@@ -97,6 +97,40 @@ def test_a_smoke_report_says_first_that_its_numbers_come_from_a_random_model(
     assert "random tiny model" not in cpu
 
 
+def _config(speedup: float, f1_loss: float, layers: float, kept: float) -> dict:
+    return {"speedup": speedup, "f1": 76.0 - f1_loss, "f1_loss": f1_loss, "avg_layers": layers,
+            "kept_token_share": kept}  # fmt: skip
+
+
+def test_adaptive_compute_has_its_own_section_with_the_paper_table(tmp_path: Path) -> None:
+    dev = {**_config(1.31, 0.8, 5.1, 0.9), "depth_only": _config(1.15, 0.9, 5.4, 1.0),
+           "oracle": {"depth_width": {"speedup": 2.6, "f1": 76.0, "avg_layers": 3.1}}}  # fmt: skip
+    reporting.save_metrics(
+        "bench_adaptive", {"dev_sets": {"dev-v1.1": dev, "dev-v2.0": _config(1.2, 0.5, 5.6, 0.95)}}, tmp_path
+    )
+    table = "| method | dev set | speed-up |\n|---|---|---|\n| Block-Skim | SQuAD | 3× (paper) |\n"
+    (tmp_path / reporting.METRICS_DIR / "bench_adaptive.md").write_text(table)
+    reporting.save_metrics("bench_device", {"warm_ms": {"typed_total": {"p50": 33.1}}}, tmp_path)
+    text = reporting.write_report(tmp_path, profile="cpu").read_text()
+    spec = sections.SECTIONS["adaptive"]
+    body = text[text.index(f"## {spec.title}") :]
+    body = body[: body.index("\n## ", 1)]
+    assert "| depth + width, dev-v1.1 | 1.31× at F1 −0.80 (5.10 layers, 90.0 % of the tokens) |" in body
+    assert "| depth + width, dev-v2.0 | 1.20× at F1 −0.50 (5.60 layers, 95.0 % of the tokens) |" in body
+    assert "| depth only, dev-v1.1 | 1.15× at F1 −0.90 (5.40 layers, 100.0 % of the tokens) |" in body
+    assert "| oracle bound, depth + width, dev-v1.1 | 2.60× at F1 76.00 (3.10 layers) |" in body
+    assert "| Block-Skim | SQuAD | 3× (paper) |" in body and "(metrics/bench_adaptive.md)" in body
+    assert (
+        "bench_device" not in body and "## Benchmarks outside the notebooks" in text
+    )  # the others stay apart
+    assert text.index(f"## {spec.title}") < text.index("## Benchmarks outside the notebooks")
+    assert sections.group_key("bench_skim_diagnosis") == sections.group_key("bench_adaptive") == "adaptive"
+    assert (
+        sections.group_key("bench_adaptive_dev-v1.1") == "adaptive"
+        and sections.group_key("bench_device") == "bench"
+    )
+
+
 @pytest.mark.skipif(not (COMMITTED / "metrics").is_dir(), reason="no committed reports/metrics")
 def test_the_report_of_the_committed_results_reads_as_intended() -> None:
     text = document.build_report(COMMITTED, "cpu")
@@ -109,7 +143,8 @@ def test_the_report_of_the_committed_results_reads_as_intended() -> None:
         body = text[text.index(f"## {spec.title}") :]
         body = body[: body.index("\n## ", 1)]
         assert spec.meaning in body
-        numbers = [ln for ln in body.splitlines() if ln.startswith("| ") and not ln.startswith("| number")]
+        table = body[body.index("| number | value |") :].split("\n\n")[0].splitlines()
+        numbers = [ln for ln in table if ln.startswith("| ") and not ln.startswith("| number")]
         assert 3 <= len(numbers) <= 5, spec.title
     figures = sorted((COMMITTED / "figures").glob("*.png"))
     assert figures

@@ -92,6 +92,7 @@ def _section(
                 lines += ["", f"_Could not read `metrics/{s}.json`: {unreadable[s]}_"]
         for s in stems:
             lines += _findings(metrics.get(s, {}))
+        lines += _tables(root, spec, stems)
         return lines + sections.figure_lines(figures, root, spec)
     if stem in unreadable:
         lines += [f"_Could not read `metrics/{stem}.json`: {unreadable[stem]}_"]
@@ -101,6 +102,21 @@ def _section(
         lines += _metrics_table(data, f"metrics/{stem}.json")
     if stem == stems[-1]:
         lines += sections.figure_lines(figures, root, None)
+    return lines
+
+
+def _tables(root: Path, spec: sections.SectionSpec, stems: list[str]) -> list[str]:
+    """The markdown tables a benchmark wrote beside its json (only beside a json that is there)."""
+    lines: list[str] = []
+    for name in spec.tables:
+        path = root / reporting.METRICS_DIR / f"{name}.md"
+        if name in stems and path.is_file():
+            lines += [
+                "",
+                path.read_text(encoding="utf-8").rstrip(),
+                "",
+                f"_Table: [`metrics/{name}.md`](metrics/{name}.md)._",
+            ]
     return lines
 
 

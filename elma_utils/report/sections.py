@@ -3,7 +3,8 @@ figures once each with a caption.
 
 A section gathers the metrics files and figures whose names start with the notebook's number
 (``04_edge_export_and_benchmark.json`` and ``04_device_benchmark.json`` are both notebook 04's);
-files named ``bench_*`` form the benchmarks section. A notebook without a :class:`SectionSpec`
+files named ``bench_adaptive*`` / ``bench_skim*`` form the adaptive-compute section and the
+other ``bench_*`` files the benchmarks section. A notebook without a :class:`SectionSpec`
 (a new notebook, a test's throwaway one) gets a plain table of its scalar values instead.
 """
 
@@ -43,6 +44,7 @@ class SectionSpec:
     meaning: str
     numbers: tuple[Number, ...]
     captions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    tables: tuple[str, ...] = ()  # metrics/<name>.md written beside a benchmark's json, shown as they are
 
 
 def _f1(v: Any) -> str:
@@ -79,6 +81,22 @@ def _minutes(v: Any) -> str:
 
 def _points(v: Any) -> str:
     return f"{float(v):+.1f} points".replace("-", "−")
+
+
+def _speed_at_loss(m: Mapping[str, Any]) -> str:
+    """A measured configuration: speed-up, F1 loss, average layers, kept tokens."""
+    text = f"{float(m['speedup']):.2f}× at F1 {_signed_f1(-float(m['f1_loss']))}"
+    return text + f" ({float(m['avg_layers']):.2f} layers, {_pct(m['kept_token_share'])} of the tokens)"
+
+
+def _oracle(o: Mapping[str, Any]) -> str:
+    return f"{float(o['speedup']):.2f}× at F1 {_f1(o['f1'])} ({float(o['avg_layers']):.2f} layers)"
+
+
+def _head_against_recall(r: Mapping[str, Any]) -> str:
+    head, ideal = r["head"], r["head_and_answer"]
+    return (f"{_pct(head['kept_share'])} kept, F1 {_signed_f1(-head['f1_loss'])} / {_pct(ideal['kept_share'])} "
+            f"kept, F1 {_signed_f1(-ideal['f1_loss'])}")  # fmt: skip
 
 
 def _per_target(fmt: Callable[[Mapping[str, Any]], str]) -> Callable[[Any], str]:
@@ -300,13 +318,45 @@ SECTIONS: dict[str, SectionSpec] = {
             "every retraining target."
         },
     ),
+    "adaptive": SectionSpec(
+        "Adaptive compute on the edge: depth and width",
+        "Early exit (depth) and skimming the passage after an early layer (width), tuned on one half of the "
+        "articles and measured on the other, with the int8 bundle at batch 1 on every question of both dev sets, "
+        "the configurations interleaved; the target is ≥ 2× at ≤ 1 F1 loss, and the oracle rows say how far "
+        "perfect decisions would go with these layers.",
+        (
+            Number("depth + width, dev-v1.1", "bench_adaptive", ("dev_sets.dev-v1.1",), _speed_at_loss),
+            Number("depth + width, dev-v2.0", "bench_adaptive", ("dev_sets.dev-v2.0",), _speed_at_loss),
+            Number(
+                "depth only, dev-v1.1", "bench_adaptive", ("dev_sets.dev-v1.1.depth_only",), _speed_at_loss
+            ),
+            Number(
+                "oracle bound, depth + width, dev-v1.1",
+                "bench_adaptive",
+                ("dev_sets.dev-v1.1.oracle.depth_width",),
+                _oracle,
+            ),
+            Number(
+                "skim after layer 3 at tau 0.8: the head / with the answer's blocks kept (dev-v1.1 sample)",
+                "bench_skim_diagnosis",
+                ("layers.3.0.8",),
+                _head_against_recall,
+            ),
+        ),
+        {
+            "bench_adaptive_dev-v1.1": "F1 against measured batch-1 speed-up on dev-v1.1 (int8 edge): depth "
+            "only, width only and both, the chosen point marked, the oracle bounds beside them.",
+            "bench_adaptive_dev-v2.0": "The same on dev-v2.0 (no-answer questions included).",
+            "bench_skim_diagnosis": "Adaptive width: F1 against the share of tokens kept past the skim layer "
+            "(dev-v1.1), for the skim head, the head plus the answer's blocks (perfect recall) and random blocks "
+            "with the answer kept; dashed: the full model, grey: within 1 F1.",
+        },
+        tables=("bench_adaptive",),
+    ),
     "bench": SectionSpec(
         "Benchmarks outside the notebooks",
         "Measured by commands run beside the pipeline (each file's `produced_by` names the command).",
         (
-            Number(
-                "adaptive speed-up, dev-v1.1", "bench_adaptive", ("dev_v1_1.speedup", "dev-v1.1.speedup"), _x
-            ),
             Number(
                 "device program, warm typed answer p50", "bench_device", ("warm_ms.typed_total.p50",), _ms
             ),
@@ -324,19 +374,22 @@ SECTIONS: dict[str, SectionSpec] = {
         {
             "bench_pipeline_stage_latency": "Time per stage of a spoken question (ms, p50), early exit against "
             "all layers.",
-            "bench_skim_diagnosis": "Adaptive width: F1 against the share of tokens kept past the skim layer "
-            "(dev-v1.1), for the skim head, the head plus the answer's blocks (perfect recall) and random blocks "
-            "with the answer kept; dashed: the full model, grey: within 1 F1.",
         },  # fmt: skip
     ),
 }
 
 
+ADAPTIVE_STEMS = ("bench_adaptive", "bench_skim")  # issue 16's benchmarks: their own section
+
+
 def group_key(stem: str) -> str:
-    """The section a metrics file or figure belongs to: its number ("03"), "bench", or "" (none)."""
+    """The section a metrics file or figure belongs to: its number ("03"), "adaptive" (depth and
+    width benchmarks), "bench" (the other benchmarks), or "" (none)."""
     m = re.match(r"^(\d+)_", stem)
     if m:
         return m.group(1)
+    if stem.startswith(ADAPTIVE_STEMS):
+        return "adaptive"
     return "bench" if stem.startswith("bench_") else ""
 
 
