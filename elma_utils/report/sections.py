@@ -89,6 +89,11 @@ def _speed_at_loss(m: Mapping[str, Any]) -> str:
     return text + f" ({float(m['avg_layers']):.2f} layers, {_pct(m['kept_token_share'])} of the tokens)"
 
 
+def _device_effect(c: Mapping[str, Any]) -> str:
+    return (f"edge {_x(c['speedup_edge_p50'])}, end to end {_x(c['speedup_end_to_end_p50'])}, CPU time "
+            f"{_x(c['cpu_ratio'])} ({int(c['questions'])} questions)")  # fmt: skip
+
+
 def _oracle(o: Mapping[str, Any]) -> str:
     return f"{float(o['speedup']):.2f}× at F1 {_f1(o['f1'])} ({float(o['avg_layers']):.2f} layers)"
 
@@ -328,9 +333,6 @@ SECTIONS: dict[str, SectionSpec] = {
             Number("depth + width, dev-v1.1", "bench_adaptive", ("dev_sets.dev-v1.1",), _speed_at_loss),
             Number("depth + width, dev-v2.0", "bench_adaptive", ("dev_sets.dev-v2.0",), _speed_at_loss),
             Number(
-                "depth only, dev-v1.1", "bench_adaptive", ("dev_sets.dev-v1.1.depth_only",), _speed_at_loss
-            ),
-            Number(
                 "oracle bound, depth + width, dev-v1.1",
                 "bench_adaptive",
                 ("dev_sets.dev-v1.1.oracle.depth_width",),
@@ -341,6 +343,12 @@ SECTIONS: dict[str, SectionSpec] = {
                 "bench_skim_diagnosis",
                 ("layers.3.0.8",),
                 _head_against_recall,
+            ),
+            Number(
+                "device program, adaptive bundle against its full-compute copy (typed, p50)",
+                "bench_adaptive_device",
+                ("adaptive_vs_full",),
+                _device_effect,
             ),
         ),
         {
