@@ -53,7 +53,7 @@ def save_tiny_exits(
     import json
 
     from elma_utils import config as cfg
-    from elma_utils.early_exit.experiment import EXITS_CONFIG, EXITS_WEIGHTS
+    from elma_utils.early_exit.exits_artifact import EXITS_CONFIG, EXITS_WEIGHTS, full_model_entry
     from elma_utils.model.multi_exit import MultiExitQAModel
 
     profile = dataclasses.replace(cfg.get_profile("smoke"), train_examples=train_examples, **TINY_WINDOWS)
@@ -65,7 +65,7 @@ def save_tiny_exits(
     exits.mkdir()
     MultiExitQAModel.from_span_model(span).save_weights(exits / EXITS_WEIGHTS)
     (exits / EXITS_CONFIG).write_text(
-        json.dumps({"full_model": str(full), "mode": "joint", "num_exits": num_layers})
+        json.dumps({**full_model_entry(full, exits), "mode": "joint", "num_exits": num_layers})
     )
     return exits
 

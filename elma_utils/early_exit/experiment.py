@@ -20,13 +20,17 @@ import keras
 import numpy as np
 
 from elma_utils import config as cfg
+from elma_utils.early_exit.exits_artifact import (
+    EXITS_CONFIG,
+    EXITS_WEIGHTS,
+    full_model_entry,
+    full_model_path,
+)
 from elma_utils.model import artifacts
 from elma_utils.model.exit_training import fit_exit_heads, predict_exit_logits
 from elma_utils.model.multi_exit import MultiExitQAModel
 from elma_utils.model.precision import set_policy, training_policy
 
-EXITS_CONFIG = "exits.json"
-EXITS_WEIGHTS = "exits.weights.h5"
 CHECKPOINT_DIR = "checkpoint"  # train_exits(checkpoint_every=...): removed once the artifact is written
 
 
@@ -102,7 +106,7 @@ def train_exits(
     (out / EXITS_CONFIG).write_text(
         json.dumps(
             {
-                "full_model": str(full_model_dir),
+                **full_model_entry(full_model_dir, out),
                 "mode": mode,
                 "num_exits": multi.num_exits,
                 "train": stats,
@@ -153,7 +157,11 @@ def load_exits(exits_dir: Path):
     if not ecfg_path.is_file():
         raise FileNotFoundError(f"{exits_dir} holds no {EXITS_CONFIG}: train exits with train_exits() first")
     ecfg = json.loads(ecfg_path.read_text())
-    multi, tokenizer, config = load_exits_model_from(Path(ecfg["full_model"]), ecfg["num_exits"])
+    full = full_model_path(exits_dir, ecfg)
+    if not (full / artifacts.CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{exits_dir}'s full model {full} is missing: move or copy it beside the exits "
+                                f"(as {ecfg['full_model']!r} names it)")  # fmt: skip
+    multi, tokenizer, config = load_exits_model_from(full, ecfg["num_exits"])
     multi.load_weights(exits_dir / EXITS_WEIGHTS)
     return multi, tokenizer, config, ecfg
 

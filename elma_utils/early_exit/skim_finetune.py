@@ -267,7 +267,13 @@ def finetune_exits(
     """``finetune_with_skim`` on an exits artifact and its profile's training questions; writes
     the tuned exits artifact to ``out_dir`` (resuming from its checkpoint) and returns it."""
     from elma_utils import config as cfg
-    from elma_utils.early_exit.experiment import EXITS_CONFIG, EXITS_WEIGHTS, load_exits
+    from elma_utils.early_exit.exits_artifact import (
+        EXITS_CONFIG,
+        EXITS_WEIGHTS,
+        full_model_entry,
+        full_model_path,
+    )
+    from elma_utils.early_exit.experiment import load_exits
     from elma_utils.model.finetune import training_examples
     from elma_utils.squad.features import cached_features
 
@@ -298,7 +304,7 @@ def finetune_exits(
     head_copy.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(head_path, head_copy)
     (out_dir / EXITS_CONFIG).write_text(json.dumps({
-        "full_model": ecfg["full_model"], "mode": MODE, "num_exits": multi.num_exits, "train": info,
+        **full_model_entry(full_model_path(exits_dir, ecfg), out_dir), "mode": MODE, "num_exits": multi.num_exits, "train": info,
         "epochs": epochs, "learning_rate": info["learning_rate"], "init_exits": str(exits_dir),
         "hard_negative_ratio": ecfg.get("hard_negative_ratio", 0.0),
         "skim_head": {"source": str(head_path), **head.settings()},

@@ -50,6 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from elma_utils.atomic_files import fsync_dir, write_bytes_atomic
+from elma_utils.early_exit.exits_artifact import (
+    EXITS_CONFIG,
+    EXITS_WEIGHTS,
+    full_model_entry,
+    full_model_path,
+)
 from elma_utils.edge.sync import LATEST_NAME, LatestPointer, SyncError, parse_latest, version_serial
 from elma_utils.export.bundle import (
     MANIFEST,
@@ -66,8 +72,6 @@ EXITS_DIR = "exits"
 RUNS_DIR = "retrain"
 SERVER_ANSWERS_DIR = "server-answers"
 LOCK_NAME = ".publish.lock"
-EXITS_CONFIG = "exits.json"
-EXITS_WEIGHTS = "exits.weights.h5"
 
 
 class PublishError(RuntimeError):
@@ -381,7 +385,7 @@ def save_exits(multi, full_model_dir: str | os.PathLike, out_dir: str | os.PathL
     clean.build_for()
     clean.set_weights(multi.get_weights())
     clean.save_weights(out / EXITS_WEIGHTS)
-    config = {"full_model": str(full_model_dir), "num_exits": int(multi.num_exits), **notes}
+    config = {**full_model_entry(full_model_dir, out), "num_exits": int(multi.num_exits), **notes}
     (out / EXITS_CONFIG).write_text(json.dumps(config, indent=2, default=str))
     return out
 
@@ -395,7 +399,7 @@ def _edge_model(exits_dir: Path, full_model_dir: Path | None, num_exits: int):
     if not cfg_path.is_file() or not (exits_dir / EXITS_WEIGHTS).is_file():
         raise PublishError(f"{exits_dir}: no exits artifact ({EXITS_CONFIG} + {EXITS_WEIGHTS}) to start from")
     ecfg = json.loads(cfg_path.read_text())
-    full = Path(full_model_dir or ecfg["full_model"])
+    full = Path(full_model_dir) if full_model_dir else full_model_path(exits_dir, ecfg)
     if int(ecfg["num_exits"]) < num_exits:
         raise PublishError(f"{exits_dir} has {ecfg['num_exits']} exits; the edge keeps {num_exits} layers")
     multi, tokenizer, _ = load_exits_model_from(full, int(ecfg["num_exits"]))
@@ -416,7 +420,7 @@ def full_model_of(exits_dir: str | os.PathLike, full_model_dir: str | os.PathLik
     cfg_path = Path(exits_dir) / EXITS_CONFIG
     if not cfg_path.is_file():
         raise PublishError(f"{exits_dir}: no {EXITS_CONFIG} naming the full model")
-    return Path(json.loads(cfg_path.read_text())["full_model"])
+    return full_model_path(Path(exits_dir), json.loads(cfg_path.read_text()))
 
 
 def answers_cache_key(examples: Sequence, *model_key: Any) -> str:
