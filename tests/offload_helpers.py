@@ -75,7 +75,10 @@ def run_until_killed(script: str, args: list[str], kill_after: int, timeout_s: f
                 break
             lines.append(line)
         os.kill(proc.pid, signal.SIGKILL)
-        rest, err = proc.communicate()
+        # Read the rest through the same buffered reader: readline() may already hold lines that
+        # ``communicate()`` (which reads the raw pipe) would lose. The writer is dead, so both reads end.
+        rest, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait()
     finally:
         watchdog.cancel()
     assert proc.returncode == -signal.SIGKILL, (
