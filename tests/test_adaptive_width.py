@@ -361,6 +361,11 @@ def test_calibration_prefers_a_skim_that_keeps_f1_and_refuses_one_that_loses_it(
     width = cross_fitted_adaptive(base, {0.1: good, 0.5: bad}, titles, skim_layer=1, mode="width")
     assert width["avg_layers"] == 3 and [s["E_T"] for s in width["settings"]] == [None, None]
     assert width["speedup_cost_model"] == pytest.approx(3 / 1.5)
+    lossy = cross_fitted_adaptive(base, {0.5: bad}, titles, skim_layer=1, mode="width")
+    assert [s["tau"] for s in lossy["settings"]] == [None, None] and lossy[
+        "f1_loss"
+    ] == 0  # no tau fits: none
+    assert lossy["within_target_on_tuning_halves"] and lossy["speedup_cost_model"] == 1
 
 
 def test_squad2_calibration_rejects_a_skim_that_flips_no_answer_calls():
@@ -385,6 +390,10 @@ def test_squad2_calibration_rejects_a_skim_that_flips_no_answer_calls():
     ]  # the F1 budget would allow it; the flip rule not
     assert cf["flip_rate_from_skim"] == 0 and cf["flip_rate_vs_full"] == 0
     assert [s["tuning_flip_rate_by_tau"][0.3] for s in cf["settings"]] == [0.25, 0.25]  # of all questions
+    width = cross_fitted_adaptive(base, {0.3: flips}, titles, skim_layer=1, mode="width", version="2.0",
+                                  impossible=impossible, max_f1_loss=30.0)  # fmt: skip
+    assert [s["tau"] for s in width["settings"]] == [None, None]  # every tau refused: width skims nothing
+    assert width["speedup_cost_model"] == 1 and width["kept_token_share"] == 1 and width["f1_loss"] == 0
     allowed = cross_fitted_adaptive(base, {0.3: flips}, titles, skim_layer=1, mode="both", version="2.0",
                                     impossible=impossible, max_f1_loss=30.0, max_flip_rate=1.0)  # fmt: skip
     assert [s["tau"] for s in allowed["settings"]] == [0.3, 0.3]

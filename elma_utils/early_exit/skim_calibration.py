@@ -84,7 +84,9 @@ def cross_fitted_adaptive(
         raise ValueError(f"{len(titles)} titles for {n} questions")
     costs_ms = np.ones(k_layers) if layer_ms is None else np.asarray(layer_ms, dtype=np.float64)
     imp = np.zeros(n, dtype=bool) if impossible is None else np.asarray(impossible, dtype=bool)
-    configs: list[tuple[float | None, dict]] = [] if mode == "width" else [(None, base)]
+    # Every mode may also skim nothing (width: at full depth), so a dev set where no tau meets the F1
+    # budget or the no-answer flip rule (SQuAD 2.0) gets the full model rather than a rule it refused.
+    configs: list[tuple[float | None, dict]] = [(None, base)]
     if mode != "depth":
         configs += sorted(((float(t), s) for t, s in by_tau.items()), key=lambda c: c[0])
     full_cost = float(embeddings_ms + costs_ms.sum())
