@@ -111,7 +111,8 @@ def test_adaptive_compute_has_its_own_section_with_the_paper_table(tmp_path: Pat
     table = "| method | dev set | speed-up |\n|---|---|---|\n| Block-Skim | SQuAD | 3× (paper) |\n"
     (tmp_path / reporting.METRICS_DIR / "bench_adaptive.md").write_text(table)
     reporting.save_metrics("bench_device", {"warm_ms": {"typed_total": {"p50": 33.1}}}, tmp_path)
-    device = {"speedup_edge_p50": 1.25, "speedup_end_to_end_p50": 1.1, "cpu_ratio": 1.2, "questions": 40}
+    device = {"speedup_edge_p50": 1.25, "speedup_end_to_end_p50": 1.1, "cpu_ratio": 1.2, "questions": 40,
+              "adaptive": {"share_offloaded": 0.1}, "full": {"share_offloaded": 1.0}}  # fmt: skip
     reporting.save_metrics("bench_adaptive_device", {"adaptive_vs_full": device}, tmp_path)
     text = reporting.write_report(tmp_path, profile="cpu").read_text()
     spec = sections.SECTIONS["adaptive"]
@@ -120,8 +121,8 @@ def test_adaptive_compute_has_its_own_section_with_the_paper_table(tmp_path: Pat
     assert "| depth + width, dev-v1.1 | 1.31× at F1 −0.80 (5.10 layers, 90.0 % of the tokens) |" in body
     assert "| depth + width, dev-v2.0 | 1.20× at F1 −0.50 (5.60 layers, 95.0 % of the tokens) |" in body
     assert (
-        "| device program, adaptive bundle against its full-compute copy (typed, p50) | edge 1.25×, end to end "
-        "1.10×, CPU time 1.20× (40 questions) |" in body
+        "| device program, adaptive bundle against its full-compute copy (typed, p50) | edge 1.25×, CPU time "
+        "1.20×, end to end 1.10× (offloaded: 10.0 % against 100.0 %); 40 questions |" in body
     )
     assert "| oracle bound, depth + width, dev-v1.1 | 2.60× at F1 76.00 (3.10 layers) |" in body
     assert "| Block-Skim | SQuAD | 3× (paper) |" in body and "(metrics/bench_adaptive.md)" in body

@@ -90,8 +90,12 @@ def _speed_at_loss(m: Mapping[str, Any]) -> str:
 
 
 def _device_effect(c: Mapping[str, Any]) -> str:
-    return (f"edge {_x(c['speedup_edge_p50'])}, end to end {_x(c['speedup_end_to_end_p50'])}, CPU time "
-            f"{_x(c['cpu_ratio'])} ({int(c['questions'])} questions)")  # fmt: skip
+    """Edge and CPU time, then end to end, which also counts the offloads each setting sends."""
+    text = f"edge {_x(c['speedup_edge_p50'])}, CPU time {_x(c['cpu_ratio'])}, end to end {_x(c['speedup_end_to_end_p50'])}"
+    shares = [c.get(k, {}).get("share_offloaded") for k in ("adaptive", "full")]
+    if all(isinstance(v, (int, float)) for v in shares):
+        text += f" (offloaded: {_pct(shares[0])} against {_pct(shares[1])})"
+    return text + f"; {int(c['questions'])} questions"
 
 
 def _oracle(o: Mapping[str, Any]) -> str:
