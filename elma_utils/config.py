@@ -86,6 +86,12 @@ class Profile:
     edge_compare_questions: int = 300  # dev-v1.1 questions comparing precisions with Keras
     edge_eval_examples: int | None = None  # whole-dev bundle evaluation (None = as eval_examples)
     edge_speedup_questions: int = 300  # int8 with early exit against all layers, batch 1
+    # notebook 04: adaptive width (``bench.adaptive_run``): candidate skim layers (empty: the
+    # depth-only int8 bundle is the one deployed), keep thresholds to calibrate, training windows
+    # of each skim head. The chosen bundle (skim + early exit) is then the one notebook 05 deploys.
+    skim_layers: tuple[int, ...] = ()
+    skim_taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85)
+    skim_max_windows: int = 4000
     # notebook 04: the device pipeline benchmark (spoken question -> answer, per stage)
     bench_precisions: tuple[str, ...] = ("int8", "float32")
     bench_spoken_questions: int = 30
@@ -188,6 +194,8 @@ PROFILES: dict[str, Profile] = {
         edge_compare_questions=12,
         edge_eval_examples=40,
         edge_speedup_questions=20,
+        skim_layers=(1,),
+        skim_max_windows=64,
         bench_precisions=("float32",),
         bench_spoken_questions=2,
         bench_typed_questions=2,
@@ -217,6 +225,9 @@ PROFILES: dict[str, Profile] = {
         epochs=1.0,
         v2_unanswerable_ratio=0.15,
         checkpoint_every=100,
+        # measured on MiniLM's distilled exits (dev-v1.1, held-out halves): after layers 2 and 3
+        # no keep threshold stays within 1 F1; after layer 4 width alone gives 1.20x at -0.74
+        skim_layers=(4,),
         **REAL_GROWTH_ROUNDS,
     ),
     # Whole SQuAD v1.1 train, several epochs; meant for a GPU machine.
@@ -236,6 +247,7 @@ PROFILES: dict[str, Profile] = {
         v2_unanswerable_ratio=0.0,
         checkpoint_every=500,
         eval_batch_size=256,
+        skim_layers=(2, 3, 4),  # the calibration picks the layer (tuning halves only)
         **REAL_GROWTH_ROUNDS,
     ),
 }

@@ -134,6 +134,30 @@ ax.legend()
 fig.tight_layout()
 reporting.save_figure(fig, "04_latency_per_exit_layer", REPORTS)
 
+# %% [markdown]
+# ## Adaptive width: the bundle the device runs
+# Early exit alone cannot average much below five of six layers within the F1 budget (notebook 03). The other axis is *width*: after layer s a small head, distilled from the full model's answers, scores the passage in blocks, and only the blocks likely to hold the answer go on (with the question and [CLS], the no-answer path) through the remaining layers. `bench.adaptive_run` trains a head per candidate layer of the profile (`skim_layers`), measures every dev question with and without skimming at each keep threshold tau, chooses tau and E_T for at most 1 F1 below the full model on one half of the articles and applies them to the other (on SQuAD 2.0 a skim may not flip the no-answer call), picks the layer on the tuning halves only, writes the int8 bundle with that head, and times it on the device runtime at batch 1 against the same bundle at full depth and width (depth only, width only and both, interleaved question by question). That bundle is the one notebook 05 deploys; its figures are `bench_adaptive_dev-v*.png`.
+
+# %%
+from elma_utils.bench import adaptive_run
+from elma_utils.report.provenance import command_line
+
+adaptive = None
+if P.skim_layers:
+    adaptive = adaptive_run.deployment_record(
+        adaptive_run.run(
+            exits_dir,
+            REPORTS,
+            layers=list(P.skim_layers),
+            taus=list(P.skim_taus),
+            limit=P.eval_examples,
+            data_dir=data_dir,
+            max_windows=P.skim_max_windows,
+            command=command_line("04_edge_export_and_benchmark"),
+        )
+    )
+adaptive
+
 # %%
 reporting.save_metrics(
     "04_edge_export_and_benchmark",
@@ -147,6 +171,7 @@ reporting.save_metrics(
         "int8_f1_loss_v1_1": int8_f1_loss,
         "whole_dev_v2_0_int8": whole_v20_int8,
         "device_speedup_int8": device_speedup,
+        "adaptive": adaptive,
     },
     REPORTS,
 )
@@ -169,6 +194,7 @@ from elma_utils.bench.harness import (
 )
 
 bench_bundles = [config.artifacts_dir() / f"{model_dir.name}-edge" / p for p in P.bench_precisions]
+bench_bundles += [config.PROJECT_ROOT / adaptive["bundle"]] if adaptive else []  # the deployed one
 bench_questions = dev_questions(P.bench_spoken_questions, P.bench_typed_questions, data_dir=data_dir)
 bench_runs, bench_warmup = P.bench_runs, P.bench_warmup
 [str(b) for b in bench_bundles], len(bench_questions)

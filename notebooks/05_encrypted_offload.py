@@ -34,6 +34,7 @@ from elma_utils.early_exit import experiment as ee
 from elma_utils.early_exit.edge_split import evaluate_edge_depth
 from elma_utils.early_exit.policies import EntropyPolicy
 from elma_utils.early_exit.squad2 import held_out_folds
+from elma_utils.export.deployed_bundle import deployed_bundle, edge_layerwise_stats
 from elma_utils.model.finetune import finetune
 from elma_utils.plotting import finish_axes, mark_operating_point
 from elma_utils.squad.metrics import per_question_scores
@@ -41,21 +42,21 @@ from elma_utils.squad.metrics import per_question_scores
 P = config.get_profile(profile)
 REPORTS = config.reports_dir_for(P.name)
 model_dir = finetune(P, data_dir=data_dir, verbose=0)
-bundle = config.artifacts_dir() / f"{model_dir.name}-edge" / precision  # written by notebook 04
+bundle = deployed_bundle(model_dir, precision, REPORTS)  # notebook 04's: adaptive (skim + exit) when built
 work = config.artifacts_dir() / f"{model_dir.name}-offload"
 bundle
 
 # %% [markdown]
 # ## E_T for the whole system
-# The bundle's E_T (notebook 03) keeps the *edge alone* within 1 F1 of the full model. Here an unsettled question goes to the server and gets the full model's answer, and the system's target is tighter (`system_max_f1_loss`), so E_T is chosen again with offloading in the sweep (`edge_split.evaluate_edge_depth` with every layer kept; an offload costs the full model on this machine plus 1 ms), on one half of the dev articles, and applied to the other half, and vice versa. The statistics are the float32 exits of notebook 03 (cached); the device runs the int8 bundle.
+# The bundle's E_T (notebook 03) keeps the *edge alone* within 1 F1 of the full model. Here an unsettled question goes to the server and gets the full model's answer, and the system's target is tighter (`system_max_f1_loss`), so E_T is chosen again with offloading in the sweep (`edge_split.evaluate_edge_depth` with every layer kept; an offload costs the full model on this machine plus 1 ms), on one half of the dev articles, and applied to the other half, and vice versa. The statistics are the float32 exits of notebook 03 (cached) as the deployed bundle runs them: when notebook 04 built the adaptive bundle, skimmed after its layer at its keep threshold, so the offload decision is tuned on what the device computes (the cost model still prices every layer at full width); the device runs the int8 bundle.
 
 # %%
 prev = reporting.earlier_metrics("03_early_exit", REPORTS)
 mode, lat = prev["best_mode"], prev["layer_latency"]
 ds, examples = ee.dev_questions("1.1", P.eval_examples, data_dir)  # the questions notebook 03 calibrated on
 titles = [e.title for e in examples]
-edge_stats = ee.layerwise_dev_stats(
-    ee.train_exits_for_profile(model_dir, mode, P, data_dir), "1.1", P.eval_examples, data_dir=data_dir
+edge_stats = edge_layerwise_stats(  # skimmed at the bundle's tau when the bundle skims
+    ee.train_exits_for_profile(model_dir, mode, P, data_dir), bundle, "1.1", P.eval_examples, data_dir
 )
 server_f1 = ee.layerwise_dev_stats(
     ee.train_exits_for_profile(model_dir, "distill", P, data_dir), "1.1", P.eval_examples, data_dir=data_dir

@@ -20,6 +20,7 @@ import json
 from elma_utils import config, reporting
 from elma_utils.bench import growth_rounds as growth_bench
 from elma_utils.early_exit import experiment as ee
+from elma_utils.export.deployed_bundle import depth_only_bundle
 from elma_utils.model.finetune import finetune
 from elma_utils.server.deployment_domain import DomainSizes, split_domain
 from elma_utils.server.growth_rounds import RoundsSettings, run_growth_rounds
@@ -31,7 +32,8 @@ model_dir = finetune(P, data_dir=data_dir, verbose=0)
 m03 = REPORTS / "metrics" / "03_early_exit.json"
 best = json.loads(m03.read_text())["best_mode"] if m03.is_file() else "distill"
 exits_dir = ee.train_exits_for_profile(model_dir, best, P, data_dir)
-bundle = config.artifacts_dir() / f"{model_dir.name}-edge" / precision  # written by notebook 04
+# notebook 04's depth-only export: a growth round retrains exits (and layers), not the skim head
+bundle = depth_only_bundle(model_dir, precision)
 run = config.artifacts_dir() / f"{model_dir.name}-growth"
 
 # %% [markdown]

@@ -133,6 +133,31 @@ def test_adaptive_run_from_an_exits_artifact_to_the_benchmark_json(tiny_exits, t
     settings = json.loads((tiny_exits / "adaptive" / f"bench-settings-L{layer}-5.json").read_text())
     assert set(settings) == {"1.1", "2.0"} and len(settings["1.1"]["both"]) == 2
 
+    # what notebook 04 records, and the statistics notebook 05 tunes the deployed bundle's E_T on
+    record = adaptive_run.deployment_record(result)
+    assert record["bundle"] == str(bundle) and record["skim_layer"] == layer
+    assert record["setting"] == run["bundle_setting"]
+    v11 = record["dev_sets"]["dev-v1.1"]
+    assert v11["both"]["speedup"] == result["dev_sets"]["dev-v1.1"]["speedup"]
+    assert v11["width_only"]["f1_loss"] == result["dev_sets"]["dev-v1.1"]["width_only"]["f1_loss"]
+    assert v11["depth_only"]["kept_token_share"] == 1.0
+    from elma_utils.early_exit.experiment import layerwise_dev_stats
+    from elma_utils.early_exit.skim_model import skim_layerwise_dev_stats
+    from elma_utils.export.deployed_bundle import bundle_skim, edge_layerwise_stats
+
+    assert bundle_skim(bundle).settings() == edge.skim.settings()
+    skimmed = edge_layerwise_stats(tiny_exits, bundle, "1.1", 5)
+    expected = skim_layerwise_dev_stats(tiny_exits, edge.skim, "1.1", [edge.skim.tau], 5)[edge.skim.tau]
+    assert set(skimmed) == set(expected) and "kept_share" in skimmed
+    for key in ("entropy", "f1", "kept_share"):
+        np.testing.assert_array_equal(skimmed[key], expected[key])
+    plain = layerwise_dev_stats(tiny_exits, "1.1", 5)
+    from elma_utils.export.bundle import full_compute_copy
+
+    depth_only = full_compute_copy(bundle, tmp_path / "depth-only")
+    assert bundle_skim(depth_only) is None
+    np.testing.assert_array_equal(edge_layerwise_stats(tiny_exits, depth_only, "1.1", 5)["f1"], plain["f1"])
+
     # resumable: a second run trains, exports and (with --skip-existing) benchmarks nothing again
     heads = {s: (tiny_exits / "adaptive" / f"L{s}" / "skim.npz").stat().st_mtime_ns for s in (1, 2)}
     manifest = (bundle / "manifest.json").stat().st_mtime_ns
@@ -145,3 +170,9 @@ def test_adaptive_run_from_an_exits_artifact_to_the_benchmark_json(tiny_exits, t
     assert {s: (tiny_exits / "adaptive" / f"L{s}" / "skim.npz").stat().st_mtime_ns for s in (1, 2)} == heads
     assert (bundle / "manifest.json").stat().st_mtime_ns == manifest
     assert json.loads(out.read_text())["dev_sets"] == result["dev_sets"]
+
+    # called from a notebook: the json names the notebook, not the kernel's command line
+    again = adaptive_run.run(tiny_exits, tmp_path / "reports", layers=[1, 2], taus=[0.05, 0.3], limit=5,
+                             skip_existing=True, max_windows=60, command="notebooks/04.ipynb (ELMA_PROFILE=x)")  # fmt: skip
+    assert again["command"] == again["produced_by"]["command"] == "notebooks/04.ipynb (ELMA_PROFILE=x)"
+    assert again["dev_sets"] == result["dev_sets"]

@@ -115,6 +115,31 @@ def test_04_edge_export(profile: str) -> None:
 
 
 @PROFILES
+def test_04_adaptive_bundle(profile: str) -> None:
+    """The adaptive (skim + early exit) bundle notebook 04 builds for notebook 05: a measured
+    configuration per dev set, consistent with the benchmark json it wrote. The committed cpu
+    record is checked once it has one (records made before adaptive width was wired in lack it)."""
+    m = _metrics(profile, "04_edge_export_and_benchmark")
+    if profile == "cpu" and "adaptive" not in m:
+        return
+    a = _get(m, "adaptive")
+    assert a["skim_layer"] in config.get_profile(profile).skim_layers
+    bench = reporting.load_metrics(REPORT_DIRS[profile] / a["metrics"])
+    assert bench["bundle"] == a["bundle"] and bench["adaptive_run"]["bundle_setting"] == a["setting"]
+    for name in ("dev-v1.1", "dev-v2.0"):
+        dev = _get(a, f"dev_sets.{name}")
+        assert dev["both"]["speedup"] == bench["dev_sets"][name]["speedup"]
+        for c in ("both", "depth_only", "width_only"):
+            r = dev[c]
+            _between(r["speedup"], 0.2, 20, f"{name} {c} speed-up")
+            _between(r["kept_token_share"], 0, 1, f"{name} {c} kept share")
+            assert math.isclose(r["f1_loss"], r["full_f1"] - r["f1"], abs_tol=1e-6)
+        layers = len(_get(_metrics(profile, "03_early_exit"), "layer_latency.layer_ms"))
+        # depth only keeps every token; width only takes every question through every layer
+        assert dev["depth_only"]["kept_token_share"] == 1.0 and dev["width_only"]["avg_layers"] == layers
+
+
+@PROFILES
 def test_05_encrypted_offload(profile: str) -> None:
     m = _metrics(profile, "05_encrypted_offload")
     e = _get(m, "end_to_end")

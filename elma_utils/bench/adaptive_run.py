@@ -268,9 +268,13 @@ def run(
     warmup: int = 3,
     threads: int | None = None,
     argv: list[str] | None = None,
+    command: str | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Every stage (see the module note); returns the benchmark json as written."""
+    """Every stage (see the module note); returns the benchmark json as written.
+
+    ``command``: what produced it, when not this module's command line (``argv``), e.g. the
+    notebook that calls ``run``."""
     from elma_utils.atomic_files import write_json_atomic
     from elma_utils.early_exit.experiment import load_exits
     from elma_utils.early_exit.squad2 import held_out_folds
@@ -341,7 +345,7 @@ def run(
         bench.main(bench_argv)
     result = json.loads(out.read_text())
     result.setdefault("bench_command", result.get("command"))
-    result["command"] = "python -m elma_utils.bench.adaptive_run " + " ".join(
+    result["command"] = command or "python -m elma_utils.bench.adaptive_run " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     result.setdefault("produced_by", {})["command"] = result["command"]
@@ -366,6 +370,25 @@ def run(
     }
     write_json_atomic(out, project_relative(to_jsonable(result)))
     return result
+
+
+def deployment_record(result: dict[str, Any]) -> dict[str, Any]:
+    """What notebook 04 records of a ``run`` (``export.deployed_bundle`` deploys ``bundle``):
+    the bundle, its skim layer and setting, why that layer, and per dev set the measured
+    speed-up, F1 loss, layers and kept share of each configuration."""
+    keys = ("speedup", "f1", "full_f1", "f1_loss", "avg_layers", "kept_token_share", "questions")
+    configs = {"both": None, "depth_only": "depth_only", "width_only": "width_only"}
+    return {
+        "bundle": result["bundle"],
+        "skim_layer": result["adaptive_run"]["skim_layer"]["chosen_layer"],
+        "why": result["adaptive_run"]["skim_layer"]["why"],
+        "setting": result["adaptive_run"]["bundle_setting"],
+        "metrics": "metrics/bench_adaptive.json",
+        "dev_sets": {
+            name: {c: {k: (dev if key is None else dev[key])[k] for k in keys} for c, key in configs.items()}
+            for name, dev in result["dev_sets"].items()
+        },
+    }
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -451,6 +451,9 @@ def _bundle_info(model, path: Path) -> dict[str, Any]:
 
 def _label(model, path: Path, taken: set[str]) -> str:
     base = str(model.manifest.get("precision") or path.name)
+    skim = model.manifest.get("skim")
+    if skim:  # an adaptive-width bundle beside the depth-only export of the same precision
+        base += f"-skim-L{skim.get('layer')}"
     label, i = base, 2
     while label in taken:
         label, i = f"{base}-{i}", i + 1

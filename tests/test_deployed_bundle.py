@@ -1,0 +1,52 @@
+"""Which bundle notebook 05 deploys: the adaptive one notebook 04 recorded, else the export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elma_utils import reporting
+from elma_utils.export.deployed_bundle import deployed_bundle, depth_only_bundle
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELMA_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    return tmp_path / "reports", tmp_path / "artifacts" / "tiny-smoke"
+
+
+def _record(reports, adaptive):
+    reporting.save_metrics(
+        "04_edge_export_and_benchmark", {"profile": "smoke", "adaptive": adaptive}, reports
+    )
+
+
+def test_without_notebook_04_the_error_says_to_run_it(places):
+    reports, model = places
+    with pytest.raises(FileNotFoundError, match="04_edge_export_and_benchmark.ipynb first"):
+        deployed_bundle(model, "int8", reports)
+
+
+def test_without_adaptive_width_the_depth_only_export_is_deployed(places, tmp_path):
+    reports, model = places
+    _record(reports, None)
+    assert deployed_bundle(model, "int8", reports) == tmp_path / "artifacts" / "tiny-smoke-edge" / "int8"
+    assert depth_only_bundle(model, "float16") == tmp_path / "artifacts" / "tiny-smoke-edge" / "float16"
+
+
+def test_the_recorded_adaptive_bundle_is_deployed_for_int8_only(places, tmp_path):
+    reports, model = places
+    adaptive = tmp_path / "artifacts" / "tiny-smoke-exits-distill" / "adaptive" / "edge" / "int8"
+    adaptive.mkdir(parents=True)
+    (adaptive / "manifest.json").write_text(json.dumps({"skim": {"layer": 1}}))
+    _record(reports, {"bundle": str(adaptive), "skim_layer": 1})
+    assert deployed_bundle(model, "int8", reports) == adaptive
+    assert deployed_bundle(model, "float32", reports) == depth_only_bundle(model, "float32")
+
+
+def test_a_recorded_bundle_that_is_gone_is_one_clear_error(places, tmp_path):
+    reports, model = places
+    _record(reports, {"bundle": str(tmp_path / "gone" / "int8"), "skim_layer": 1})
+    with pytest.raises(FileNotFoundError, match="adaptive bundle notebook 04 recorded is missing: run"):
+        deployed_bundle(model, "int8", reports)
