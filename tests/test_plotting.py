@@ -205,8 +205,35 @@ def test_adaptive_frontier_marks_the_chosen_configuration():
     }
     fig = plot_frontier(dev, "Adaptive compute, dev-v1.1")
     assert figure_problems(fig, chosen=True) == []
-    (marker,) = _markers(fig)
-    assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (2.0, 79.2)
+    whole, zoom = fig.axes
+    for ax in (whole, zoom):  # the chosen point on both panels
+        (marker,) = [line for line in ax.lines if line.get_gid() == OPERATING_POINT_GID]
+        assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (2.0, 79.2)
+    assert zoom.get_ylim() == (77.0, 81.0)  # full F1 - 3 .. full F1 + 1: the budget line is readable
+    assert whole.get_ylim()[0] < 72  # the whole sweep down to F1 71
+    labels = zoom.get_legend_handles_labels()[1]
+    assert "chosen: depth + width (2.00×, F1 79.2)" in labels and "full F1 − 1 (the budget)" in labels
+
+
+def test_adaptive_figures_drawn_again_from_the_benchmark_json(tmp_path):
+    import json
+
+    from elma_utils.bench.adaptive_report import main
+
+    curve = [{"speedup": s, "f1": 80 - 3 * s} for s in (1.0, 1.5)]
+    dev = {"frontier": {"depth_only": curve, "both": curve}, "full": {"speedup": 1.0, "f1": 80.0},
+           "depth_only": {"speedup": 1.2, "f1": 78.5}, "width_only": {"speedup": 1.3, "f1": 79.0},
+           "speedup": 1.4, "f1": 79.2, "full_f1": 80.0}  # fmt: skip
+    bench = tmp_path / "bench_adaptive.json"
+    bench.write_text(json.dumps({"precision": "int8", "dev_sets": {"dev-v1.1": dev, "dev-v2.0": dev}}))
+    assert main([str(bench), "--figures-dir", str(tmp_path / "figures")]) == 0
+    for v in ("1.1", "2.0"):
+        assert (tmp_path / "figures" / f"bench_adaptive_dev-v{v}.png").stat().st_size > 10_000
+    drawn = json.loads(bench.read_text())["figures_produced_by"]
+    assert drawn["command"].startswith("python -m") and "commit" in drawn
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "other.json"), "--figures-dir", str(tmp_path / "figures")])
 
 
 def test_growth_rounds():

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from elma_utils.bench.adaptive_report import (
+    FIGURE_NAME,
     cumulative_ms,
     entropy_frontier,
     markdown_table,
@@ -52,7 +53,6 @@ CONFIGS = ("full", "depth_only", "width_only", "both")
 VERSIONS = ("1.1", "2.0")
 PREDICTIONS_NAME = "adaptive-predictions-dev-v{version}.json"
 DETAILS_NAME = "adaptive-details-dev-v{version}.json"
-FIGURE_NAME = "bench_adaptive_dev-v{version}.png"
 
 
 @dataclass

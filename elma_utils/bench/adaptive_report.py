@@ -13,6 +13,7 @@ an answer, an entropy and a measured cumulative cost at every layer, so:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,43 +95,67 @@ def entropy_frontier(
     return points
 
 
+FIGURE_NAME = "bench_adaptive_dev-v{version}.png"
+ZOOM_BELOW_FULL_F1 = 3.0  # the right panel's F1 range: full F1 - 3 .. full F1 + 1 (the budget region)
+
+
 def plot_frontier(dev: dict[str, Any], title: str):
     """F1 against measured speed-up: depth-only and depth+width curves, the measured runs,
-    the chosen (adaptive) point starred, the full model and the 1-F1 budget line."""
+    the chosen (adaptive) point starred, the full model and the 1-F1 budget line. Left: the
+    whole E_T sweep; right: the same zoomed on the budget region, where the choice is made."""
     import matplotlib.pyplot as plt
 
     from elma_utils.plotting import finish_axes, mark_operating_point
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
-    for key, label, color in (("depth_only", "depth only", "C0"), ("both", "depth + width", "C2")):
-        pts = dev.get("frontier", {}).get(key, [])
-        if not pts:
-            continue
-        x, y = np.array([p["speedup"] for p in pts]), np.array([p["f1"] for p in pts])
-        ax.scatter(x, y, s=6, color=color, alpha=0.35)
-        ex, ey = pareto(x, y)
-        ax.plot(
-            ex,
-            ey,
-            lw=1.2,
-            color=color,
-            drawstyle="steps-pre",
-            label=f"{label}: E_T sweep (best F1 at ≥ speed-up)",
-        )
-    markers = {"full": ("k", "o", "full depth and width"), "depth_only": ("C0", "s", "depth only (measured)"),
-               "width_only": ("C1", "^", "width only (measured)")}  # fmt: skip
-    for key, (color, marker, label) in markers.items():
-        m = dev[key]
-        ax.plot([m["speedup"]], [m["f1"]], marker=marker, color=color, ls="none", ms=7, label=label)
-    mark_operating_point(
-        ax, dev["speedup"], dev["f1"], f"depth + width ({dev['speedup']:.2f}×, F1 {dev['f1']:.1f})"
-    )
-    ax.axhline(dev["full_f1"] - 1.0, color="k", ls="--", lw=0.8, label="full F1 − 1")
-    finish_axes(ax, title, "speed-up over full depth and width (×, QA-model wall clock, batch 1)",
-                "F1 (%, official SQuAD scoring)")  # fmt: skip
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for key, label, color in (("depth_only", "depth only", "C0"), ("both", "depth + width", "C2")):
+            pts = dev.get("frontier", {}).get(key, [])
+            if not pts:
+                continue
+            x, y = np.array([p["speedup"] for p in pts]), np.array([p["f1"] for p in pts])
+            ax.scatter(x, y, s=6, color=color, alpha=0.35)
+            ex, ey = pareto(x, y)
+            ax.plot(ex, ey, lw=1.2, color=color, drawstyle="steps-pre",
+                    label=f"{label}: E_T sweep (best F1 at ≥ speed-up)")  # fmt: skip
+        markers = {"full": ("k", "o", "full depth and width"), "depth_only": ("C0", "s", "depth only (measured)"),
+                   "width_only": ("C1", "^", "width only (measured)")}  # fmt: skip
+        for key, (color, marker, label) in markers.items():
+            m = dev[key]
+            ax.plot([m["speedup"]], [m["f1"]], marker=marker, color=color, ls="none", ms=7, label=label)
+        ax.axhline(dev["full_f1"] - 1.0, color="k", ls="--", lw=0.8, label="full F1 − 1 (the budget)")
+        if zoom:
+            ax.set_ylim(dev["full_f1"] - ZOOM_BELOW_FULL_F1, dev["full_f1"] + 1.0)
+            measured = [dev[k]["speedup"] for k in ("full", "depth_only", "width_only")] + [dev["speedup"]]
+            ax.set_xlim(0.97, max(measured) * 1.35)
+        mark_operating_point(ax, dev["speedup"], dev["f1"],
+                             f"depth + width ({dev['speedup']:.2f}×, F1 {dev['f1']:.1f})", legend=zoom)  # fmt: skip
+        finish_axes(ax, "zoomed on the budget region" if zoom else "the whole E_T sweep",
+                    "speed-up over full depth and width (×, batch 1)", "F1 (%, official SQuAD scoring)",
+                    fontsize=10)  # fmt: skip
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"{title}: QA-model wall clock", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def replot(result: dict[str, Any], figures_dir: Path) -> list[Path]:
+    """The frontier figures again from a benchmark json (its curves and measured points), for a
+    figure whose drawing code changed after the measurement; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, dev in result["dev_sets"].items():
+        fig = plot_frontier(dev, f"Adaptive compute on the edge, {name} ({result['precision']}, batch 1)")
+        path = Path(figures_dir) / FIGURE_NAME.format(version=name.removeprefix("dev-v"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def pareto(speedup: np.ndarray, f1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,3 +193,34 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {p['method']} | {p['kind']} | {p['model']} | {p['task']} | {p['speedup']} | {p['quality']} | {p['source']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m elma_utils.bench.adaptive_report BENCH_JSON --figures-dir DIR``: draw the
+    frontier figures again from the measured json; the json records who drew them."""
+    import argparse
+    import json
+
+    from elma_utils.atomic_files import write_json_atomic
+    from elma_utils.report.provenance import provenance
+
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("bench_json", type=Path, help="reports/metrics/bench_adaptive.json")
+    p.add_argument("--figures-dir", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        result = json.loads(args.bench_json.read_text())
+        result["dev_sets"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        p.error(f"{args.bench_json}: not a bench.adaptive result ({err})")
+    paths = replot(result, args.figures_dir)
+    result["figures_produced_by"] = provenance()
+    write_json_atomic(args.bench_json, result)
+    print("\n".join(str(x) for x in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

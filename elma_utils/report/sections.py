@@ -358,8 +358,8 @@ SECTIONS: dict[str, SectionSpec] = {
         {
             "bench_adaptive_dev-v1.1": "F1 against measured batch-1 speed-up on dev-v1.1 (int8 edge): the full "
             "model, depth only, width only and the chosen depth + width point as measured, with the E_T sweeps of "
-            "depth only and depth + width; dashed: the full model's F1 − 1 (the budget). The oracle bounds are in "
-            "the table above.",
+            "depth only and depth + width; dashed: the full model's F1 − 1 (the budget). Left the whole sweep, "
+            "right zoomed on the budget region. The oracle bounds are in the table above.",
             "bench_adaptive_dev-v2.0": "The same on dev-v2.0 (no-answer questions included).",
             "bench_skim_diagnosis": "Adaptive width: F1 against the share of tokens kept past the skim layer "
             "(dev-v1.1), for the skim head, the head plus the answer's blocks (perfect recall) and random blocks "
