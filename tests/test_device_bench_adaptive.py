@@ -69,3 +69,31 @@ def test_device_benchmark_compares_the_adaptive_bundle_with_full_compute(skim_bu
         assert math.isfinite(r["cpu_ms_per_question"]) and r["cpu_ms_per_question"] >= 0
     assert out["full"]["avg_exit_layer"] == 3 and out["full"]["share_offloaded"] == 1.0  # never exits
     assert out["speedup_edge_p50"] > 0 and out["cpu_ratio"] > 0
+
+    # several passages, each with its own questions, pooled
+    passages = [(device_bench.CONTEXT, device_bench.QUESTIONS[:2]),
+                ("The Loire is the longest river in France. It rises in the Massif Central.",
+                 ["What is the longest river in France?", "Where does the Loire rise?", "Which river is long?"])]  # fmt: skip
+    (tmp_path / "again").mkdir()
+    server, port = device_bench._start_server(tmp_path / "again", model_dir)
+    try:
+        pooled = device_bench.adaptive_vs_full(tmp_path / "again", port, skim_bundle, [], passages)
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert pooled["questions"] == 5 and pooled["passages"] == 2 and pooled["context_words"][1] == 14
+    for name in ("adaptive", "full"):
+        assert pooled[name]["answered"] == 5 and pooled[name]["edge_ms"]["n"] == 5
+
+
+def test_squad_passages_span_the_lengths_and_bring_their_questions(dev_v11):
+    from elma_utils.bench.device_bench import squad_passages
+
+    picked = squad_passages(4)
+    words = [len(c.split()) for c, _ in picked]
+    assert len(picked) == 4 and words == sorted(words) and words[0] < words[-1]
+    for context, questions in picked:
+        asked = {e.question for e in dev_v11.examples if e.context == context}
+        assert len(questions) >= 4 and set(questions) == asked
+    with pytest.raises(ValueError):
+        squad_passages(0)

@@ -24,7 +24,9 @@ bundle with a skim head) instead of the MiniLM-shape one, and the typed warm run
 the same server session — the bundle as it is (early exit and skimming) and its full-compute
 copy (``export.bundle.full_compute_copy``: every layer, full width) — giving per question the
 edge time, the end-to-end time and the device process's CPU time for each
-(``adaptive_vs_full``).
+(``adaptive_vs_full``). ``--squad-passages N`` repeats that comparison on N dev-v1.1
+paragraphs (evenly spaced in length) with their own questions: the benchmark's paragraph is
+shorter than most SQuAD passages, so it understates what skimming saves.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def _start_server(work: Path, model_dir: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("elma serve exited before it was ready")
 
 
-def _device_config(work: Path, ssh_port: int, bundle: Path, input_kind: str, name: str | None = None) -> Path:
+def _device_config(work: Path, ssh_port: int, bundle: Path, input_kind: str, name: str | None = None,
+                   context: str = CONTEXT) -> Path:  # fmt: skip
     """``elma device init`` as a user runs it, then register the key and pin the host key."""
     from elma_utils.edge.ssh_keys import add_known_host, load_private_key
     from elma_utils.server.status import ServerLayout
@@ -140,7 +143,7 @@ def _device_config(work: Path, ssh_port: int, bundle: Path, input_kind: str, nam
     name = name or input_kind
     config = work / f"device-{name}" / "device.toml"
     config.parent.mkdir(parents=True)
-    (config.parent / "context.txt").write_text(CONTEXT)
+    (config.parent / "context.txt").write_text(context)
     init = ["device", "init", "--config", str(config), "--device-id", f"bench-{name}",
             "--server", f"127.0.0.1:{ssh_port}", "--bundle", str(bundle),
             "--context-file", str(config.parent / "context.txt"), "--input", input_kind]  # fmt: skip
@@ -201,7 +204,7 @@ def _timings(records: list[dict], key: str) -> list[float]:
 
 
 def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5, bundle: Path | None = None,
-        adaptive: bool = False) -> dict[str, Any]:  # fmt: skip
+        adaptive: bool = False, passages: list[tuple[str, list[str]]] | None = None) -> dict[str, Any]:  # fmt: skip
     from elma_utils.edge.runtime import EdgeModel
     from elma_utils.speech.spoken_data import speak, write_wav  # espeak-ng, as the speech benchmark
 
@@ -244,6 +247,9 @@ def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5,
 
         spoken = _run_device(folder_cfg, drop_clips, len(wavs))
         compared = adaptive_vs_full(work, ssh_port, bundle, asked) if adaptive else None
+        on_squad = (
+            adaptive_vs_full(work, ssh_port, bundle, asked, passages) if adaptive and passages else None
+        )
     finally:
         server.terminate()
         server.wait(60)
@@ -282,28 +288,49 @@ def run(out: Path, questions: int = 20, cold_runs: int = 3, swap_loads: int = 5,
                             "skim": m.get("skim"), "thresholds": "the bundle's own (thresholds.json)"}  # fmt: skip
     if compared is not None:
         result["adaptive_vs_full"] = compared
+    if on_squad is not None:
+        result["adaptive_vs_full_squad"] = {"source": "dev-v1.1 paragraphs at evenly spaced length quantiles",
+                                            **on_squad}  # fmt: skip
     result["machine"] = machine_facts()
     result[provenance.KEY] = provenance.provenance()
     write_json_atomic(out, result)
     return result
 
 
-def adaptive_vs_full(work: Path, ssh_port: int, bundle: Path, questions: list[str]) -> dict[str, Any]:
+def adaptive_vs_full(
+    work: Path,
+    ssh_port: int,
+    bundle: Path,
+    questions: list[str],
+    passages: list[tuple[str, list[str]]] | None = None,
+) -> dict[str, Any]:
     """Typed warm runs of ``bundle`` as it is and of its full-compute copy, one ``elma device``
     process each against the same server: per-question edge and end-to-end ms (the device's
-    own timings), CPU ms of the device process per question, and the edge's kept share."""
+    own timings), CPU ms of the device process per question, and the edge's kept share.
+
+    ``passages``: (context, its questions) pairs, each asked by its own pair of device
+    processes (the device answers about one text at a time), pooled; default: ``questions``
+    about the benchmark's one paragraph."""
     from elma_utils.export.bundle import full_compute_copy
 
-    full = full_compute_copy(bundle, work / f"{Path(bundle).name}-full-compute")
-    out: dict[str, Any] = {"bundle": str(bundle), "questions": len(questions)}
+    passages = passages or [(CONTEXT, list(questions))]
+    full = full_compute_copy(bundle, work / f"{Path(bundle).name}-full-compute-{len(passages)}")
+    n = sum(len(qs) for _, qs in passages)
+    out: dict[str, Any] = {"bundle": str(bundle), "questions": n, "passages": len(passages),
+                           "context_words": [len(c.split()) for c, _ in passages]}  # fmt: skip
     for name, b in (("adaptive", Path(bundle)), ("full", full)):
-        cfg = _device_config(work, ssh_port, b, "stdin", name=f"{name}-typed")
-        ran = _run_device(cfg, _typed_feed([questions[0], *questions]), len(questions) + 1)
-        warm = ran["records"][1:]  # the first question pays for the connection
+        warm, cpu_s = [], 0.0
+        for i, (context, asked) in enumerate(passages):
+            cfg = _device_config(
+                work, ssh_port, b, "stdin", name=f"{name}-typed-{len(passages)}-{i}", context=context
+            )
+            ran = _run_device(cfg, _typed_feed([asked[0], *asked]), len(asked) + 1)
+            warm += ran["records"][1:]  # the first question pays for the connection
+            cpu_s += ran["warm_cpu_s"]
         out[name] = {
             "edge_ms": _summary(_timings(warm, "edge")),
             "end_to_end_ms": _summary(_timings(warm, "total")),
-            "cpu_ms_per_question": ran["warm_cpu_s"] * 1e3 / max(len(warm), 1),
+            "cpu_ms_per_question": cpu_s * 1e3 / max(len(warm), 1),
             "share_offloaded": sum(r.get("source") == "server" for r in warm) / max(len(warm), 1),
             "answered": len(warm),
             "avg_exit_layer": statistics.fmean([r["exit_layer"] for r in warm if r.get("exit_layer")] or [0]),
@@ -314,6 +341,27 @@ def adaptive_vs_full(work: Path, ssh_port: int, bundle: Path, questions: list[st
         )
     out["cpu_ratio"] = out["full"]["cpu_ms_per_question"] / max(out["adaptive"]["cpu_ms_per_question"], 1e-9)
     return out
+
+
+def squad_passages(
+    count: int, data_dir: Path | None = None, min_questions: int = 4
+) -> list[tuple[str, list[str]]]:
+    """``count`` dev-v1.1 paragraphs with their questions, at evenly spaced quantiles of the
+    paragraphs' length in words (so short and long passages both count), for the adaptive run:
+    the benchmark's own paragraph is shorter than most SQuAD passages, and skimming saves more
+    on longer ones."""
+    from elma_utils.squad.data import load_squad
+
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    by_context: dict[str, list[str]] = {}
+    for e in load_squad("1.1", "dev", data_dir=data_dir).examples:
+        by_context.setdefault(e.context, []).append(e.question)
+    ranked = sorted(
+        (c for c, qs in by_context.items() if len(qs) >= min_questions), key=lambda c: len(c.split())
+    )
+    picks = sorted({round(q * (len(ranked) - 1)) for q in [(i + 0.5) / count for i in range(count)]})
+    return [(ranked[i], by_context[ranked[i]]) for i in picks]
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -354,12 +402,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--adaptive", action="store_true",
                    help="also compare the bundle with its full-compute copy (edge, end to end, CPU time)")  # fmt: skip
+    p.add_argument("--squad-passages", type=int, default=0, metavar="N",
+                   help="with --adaptive: also N dev-v1.1 paragraphs with their questions (needs SQuAD)")  # fmt: skip
+    p.add_argument("--data-dir", type=Path, default=None, help="directory holding the SQuAD files")
     args = p.parse_args(argv)
+    if args.squad_passages and not args.adaptive:
+        p.error("--squad-passages needs --adaptive (it compares the adaptive bundle with full compute)")
+    if args.squad_passages < 0:
+        p.error("--squad-passages must be >= 0")
     if args.adaptive and args.bundle is None:
         p.error(
             "--adaptive needs --bundle (an adaptive bundle, e.g. from python -m elma_utils.bench.adaptive_run)"
         )
-    result = run(args.out, args.questions, args.cold_runs, bundle=args.bundle, adaptive=args.adaptive)
+    try:
+        passages = squad_passages(args.squad_passages, args.data_dir) if args.squad_passages else None
+    except FileNotFoundError as err:
+        p.error(f"--squad-passages needs SQuAD dev-v1.1: {err}")
+    result = run(args.out, args.questions, args.cold_runs, bundle=args.bundle, adaptive=args.adaptive,
+                 passages=passages)  # fmt: skip
     print(
         json.dumps(
             {
@@ -370,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device_rss_mb",
                     "model_swap_load_ms",
                     "adaptive_vs_full",
+                    "adaptive_vs_full_squad",
                 )
                 if k in result
             },  # fmt: skip
