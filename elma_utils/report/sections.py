@@ -95,7 +95,9 @@ def _device_effect(c: Mapping[str, Any]) -> str:
     shares = [c.get(k, {}).get("share_offloaded") for k in ("adaptive", "full")]
     if all(isinstance(v, (int, float)) for v in shares):
         text += f" (offloaded: {_pct(shares[0])} against {_pct(shares[1])})"
-    return text + f"; {int(c['questions'])} questions"
+    where = f" on {int(c['passages'])} dev-v1.1 passages of {min(c['context_words'])}–{max(c['context_words'])} words" if (
+        c.get("passages", 1) > 1) else ""  # fmt: skip
+    return text + f"; {int(c['questions'])} questions{where}"
 
 
 def _oracle(o: Mapping[str, Any]) -> str:
@@ -351,7 +353,7 @@ SECTIONS: dict[str, SectionSpec] = {
             Number(
                 "device program, adaptive bundle against its full-compute copy (typed, p50)",
                 "bench_adaptive_device",
-                ("adaptive_vs_full",),
+                ("adaptive_vs_full_squad", "adaptive_vs_full"),
                 _device_effect,
             ),
         ),
