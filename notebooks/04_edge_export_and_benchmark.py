@@ -159,6 +159,12 @@ if P.skim_layers:
 adaptive
 
 # %%
+from IPython.display import Image
+
+# F1 against the measured speed-up on dev-v1.1: the E_T sweeps, the measured runs, the chosen point
+Image(filename=str(REPORTS / "figures" / "bench_adaptive_dev-v1.1.png")) if adaptive else None
+
+# %%
 reporting.save_metrics(
     "04_edge_export_and_benchmark",
     {
