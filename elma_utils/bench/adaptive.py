@@ -39,12 +39,11 @@ from typing import Any
 import numpy as np
 
 from elma_utils.bench.adaptive_report import (
-    FIGURE_NAME,
     cumulative_ms,
     entropy_frontier,
     markdown_table,
     oracle,
-    plot_frontier,
+    save_frontier_figure,
 )
 from elma_utils.early_exit.policies import EntropyPolicy, NeverExit
 from elma_utils.report import provenance
@@ -281,20 +280,9 @@ def run(
         "limit": limit,
         "dev_sets": {},
     }
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for version in versions:
         dev = bench_dev_set(edge, version, data_dir, limit, settings, predictions_dir, warmup, progress)
-        fig = plot_frontier(
-            dev, f"Adaptive compute on the edge, dev-v{version} ({result['precision']}, batch 1)"
-        )
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        path = figures_dir / FIGURE_NAME.format(version=version)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        path = save_frontier_figure(dev, f"dev-v{version}", result["precision"], figures_dir)
         dev["files"]["figure"] = str(path)
         result["dev_sets"][f"dev-v{version}"] = dev
     table = out.with_suffix(".md")

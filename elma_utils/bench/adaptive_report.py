@@ -139,23 +139,28 @@ def plot_frontier(dev: dict[str, Any], title: str):
     return fig
 
 
-def replot(result: dict[str, Any], figures_dir: Path) -> list[Path]:
-    """The frontier figures again from a benchmark json (its curves and measured points), for a
-    figure whose drawing code changed after the measurement; returns the files written."""
+def save_frontier_figure(dev: dict[str, Any], name: str, precision: str, figures_dir: Path) -> Path:
+    """``plot_frontier`` of one dev set (``name``: "dev-v1.1") as ``FIGURE_NAME`` in ``figures_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for name, dev in result["dev_sets"].items():
-        fig = plot_frontier(dev, f"Adaptive compute on the edge, {name} ({result['precision']}, batch 1)")
-        path = Path(figures_dir) / FIGURE_NAME.format(version=name.removeprefix("dev-v"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    return written
+    fig = plot_frontier(dev, f"Adaptive compute on the edge, {name} ({precision}, batch 1)")
+    path = Path(figures_dir) / FIGURE_NAME.format(version=name.removeprefix("dev-v"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def replot(result: dict[str, Any], figures_dir: Path) -> list[Path]:
+    """The frontier figures again from a benchmark json (its curves and measured points), for a
+    figure whose drawing code changed after the measurement; returns the files written."""
+    return [
+        save_frontier_figure(dev, name, result["precision"], figures_dir)
+        for name, dev in result["dev_sets"].items()
+    ]
 
 
 def pareto(speedup: np.ndarray, f1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -97,14 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.full / CONFIG_FILE).is_file():
         p.error(f"{args.full} is no full-model artifact (no {CONFIG_FILE})")
-    if args.out.exists():
-        p.error(f"{args.out} exists: remove it or name another --out")
-    try:
-        state = checkpoint_state(args.training)
-    except FileNotFoundError as err:
+    try:  # both checks come before the model loads
+        out = snapshot_exits(args.training, args.full, args.out, args.mode)
+    except (FileNotFoundError, FileExistsError) as err:
         p.error(str(err))
-    out = snapshot_exits(args.training, args.full, args.out, args.mode)
-    print(f"snapshot: {out} (after at least {state['chunks_done']} chunks of {args.training})")
+    chunks = json.loads((out / EXITS_CONFIG).read_text())["snapshot"]["chunks_done_at_least"]
+    print(f"snapshot: {out} (after at least {chunks} chunks of {args.training})")
     if args.eval:
         f1 = layer_f1(out, args.eval, args.data_dir)
         print(f"F1 per exit on {args.eval} dev-v1.1 questions: " + " ".join(f"{x:.1f}" for x in f1))

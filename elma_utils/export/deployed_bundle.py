@@ -16,6 +16,7 @@ from pathlib import Path
 
 from elma_utils import config, reporting
 from elma_utils.early_exit.skim import SkimHead
+from elma_utils.export.bundle import MANIFEST
 
 RECORD = "04_edge_export_and_benchmark"  # the notebook whose metrics name the adaptive bundle
 ADAPTIVE_PRECISION = "int8"  # the precision bench.adaptive_run exports
@@ -35,7 +36,7 @@ def deployed_bundle(model_dir: Path, precision: str, reports: Path | None = None
         return depth_only_bundle(model_dir, precision)
     path = Path(record["bundle"])
     path = path if path.is_absolute() else config.PROJECT_ROOT / path
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         raise FileNotFoundError(
             f"{path}: the adaptive bundle notebook 04 recorded is missing: run notebooks/{RECORD}.ipynb again"
         )
@@ -46,7 +47,7 @@ def bundle_skim(bundle: Path) -> SkimHead | None:
     """The bundle's skim head with its keep rule, or None (a depth-only bundle)."""
     from elma_utils.edge.runtime import skim_from_manifest
 
-    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    manifest = json.loads((Path(bundle) / MANIFEST).read_text())
     return skim_from_manifest(Path(bundle), manifest)
 
 
