@@ -34,7 +34,7 @@ from elma_utils.early_exit import experiment as ee
 from elma_utils.early_exit.edge_split import evaluate_edge_depth
 from elma_utils.early_exit.policies import EntropyPolicy
 from elma_utils.early_exit.squad2 import held_out_folds
-from elma_utils.export.deployed_bundle import deployed_bundle, edge_layerwise_stats
+from elma_utils.export.deployed_bundle import deployed_bundle, edge_layer_costs, edge_layerwise_stats
 from elma_utils.model.finetune import finetune
 from elma_utils.plotting import finish_axes, mark_operating_point
 from elma_utils.squad.metrics import per_question_scores
@@ -48,7 +48,7 @@ bundle
 
 # %% [markdown]
 # ## E_T for the whole system
-# The bundle's E_T (notebook 03) keeps the *edge alone* within 1 F1 of the full model. Here an unsettled question goes to the server and gets the full model's answer, and the system's target is tighter (`system_max_f1_loss`), so E_T is chosen again with offloading in the sweep (`edge_split.evaluate_edge_depth` with every layer kept; an offload costs the full model on this machine plus 1 ms), on one half of the dev articles, and applied to the other half, and vice versa. The statistics are the float32 exits of notebook 03 (cached) as the deployed bundle runs them: when notebook 04 built the adaptive bundle, skimmed after its layer at its keep threshold, so the offload decision is tuned on what the device computes (the cost model still prices every layer at full width); the device runs the int8 bundle.
+# The bundle's E_T (notebook 03) keeps the *edge alone* within 1 F1 of the full model. Here an unsettled question goes to the server and gets the full model's answer, and the system's target is tighter (`system_max_f1_loss`), so E_T is chosen again with offloading in the sweep (`edge_split.evaluate_edge_depth` with every layer kept; an offload costs the full model on this machine plus 1 ms), on one half of the dev articles, and applied to the other half, and vice versa. The statistics are the float32 exits of notebook 03 (cached) as the deployed bundle runs them: when notebook 04 built the adaptive bundle, skimmed after its layer at its keep threshold, so the offload decision is tuned on what the device computes, and each question's later layers are priced at the share of tokens it keeps (`edge_layer_costs`, the cost model of `skim_calibration`); the device runs the int8 bundle.
 
 # %%
 prev = reporting.earlier_metrics("03_early_exit", REPORTS)
@@ -68,7 +68,7 @@ system_cal = evaluate_edge_depth(
     edge_stats["entropy"],
     server_f1,
     titles,
-    np.array(lat["layer_ms"]),
+    edge_layer_costs(bundle, edge_stats, lat["layer_ms"]),  # [K], or [K, Q] when the bundle skims
     lat["embeddings_ms"],
     full_ms + 1.0,
     full_ms,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from elma_utils import reporting
-from elma_utils.export.deployed_bundle import deployed_bundle, depth_only_bundle
+from elma_utils.early_exit.skim import SkimHead
+from elma_utils.export.deployed_bundle import deployed_bundle, depth_only_bundle, edge_layer_costs
 
 
 @pytest.fixture
@@ -50,3 +52,27 @@ def test_a_recorded_bundle_that_is_gone_is_one_clear_error(places, tmp_path):
     _record(reports, {"bundle": str(tmp_path / "gone" / "int8"), "skim_layer": 1})
     with pytest.raises(FileNotFoundError, match="adaptive bundle notebook 04 recorded is missing: run"):
         deployed_bundle(model, "int8", reports)
+
+
+def _bundle(path, skim_layer=None):
+    path.mkdir(parents=True)
+    manifest = {}
+    if skim_layer is not None:
+        SkimHead(w=np.zeros(4), b=0.0, layer=skim_layer, tau=0.6).save(path / "skim.npz")
+        manifest["skim"] = {"file": "skim.npz", "layer": skim_layer, "tau": 0.6}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_depth_only_bundle_prices_every_question_at_full_width(tmp_path):
+    cost = edge_layer_costs(_bundle(tmp_path / "b"), {"kept_share": np.array([0.5, 0.2])}, [2.0, 3.0, 4.0])
+    assert cost.tolist() == [2.0, 3.0, 4.0]
+
+
+def test_a_skimming_bundle_prices_the_layers_after_its_head_at_the_kept_share(tmp_path):
+    """Layer 1 at full width for both questions, layers 2-3 at 50 % and 20 % of their time."""
+    cost = edge_layer_costs(
+        _bundle(tmp_path / "b", skim_layer=1), {"kept_share": np.array([0.5, 0.2])}, [2.0, 3.0, 4.0]
+    )
+    assert cost.shape == (3, 2)
+    np.testing.assert_allclose(cost, [[2.0, 2.0], [1.5, 0.6], [2.0, 0.8]])

@@ -51,3 +51,27 @@ def test_single_depth_reports_held_out_numbers():
     row = evaluate_edge_depth(3, f1, entropy, server, titles, np.full(4, 10.0), 0.0, 5.0, 40.0)
     assert row.k == 3 and len(row.thresholds) == 2
     assert row.avg_edge_layers == pytest.approx(2 * easy.mean() + 3 * (~easy).mean())
+
+
+def test_per_question_costs_equal_to_the_shared_ones_give_the_same_result():
+    f1, entropy, server, titles, _ = _stats()
+    shared = evaluate_edge_depth(3, f1, entropy, server, titles, np.full(4, 10.0), 1.0, 18.0, 41.0)
+    each = evaluate_edge_depth(
+        3, f1, entropy, server, titles, np.full((4, len(titles)), 10.0), 1.0, 18.0, 41.0
+    )
+    assert each == shared
+
+
+def test_per_question_costs_price_what_each_question_runs():
+    """A skimmed edge: layers 3-4 cost half for every question, so k=4 (no offloads) gets cheaper
+    than at full width by 10 ms for the hard 40 % (who run layers 3 and 4) and 5 ms for the rest."""
+    f1, entropy, server, titles, easy = _stats()
+    n = len(titles)
+    cost = np.full((4, n), 10.0)
+    cost[2:] = 5.0
+    full = evaluate_edge_depth(4, f1, entropy, server, titles, np.full(4, 10.0), 1.0, 500.0, 41.0)
+    skim = evaluate_edge_depth(4, f1, entropy, server, titles, cost, 1.0, 500.0, 41.0)
+    assert skim.share_offloaded == full.share_offloaded == 0.0
+    assert full.expected_ms == pytest.approx(1 + 20 * easy.mean() + 40 * (~easy).mean())
+    assert skim.expected_ms == pytest.approx(1 + 20 * easy.mean() + 30 * (~easy).mean())
+    assert skim.speedup == pytest.approx(41.0 / skim.expected_ms)

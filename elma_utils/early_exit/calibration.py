@@ -165,7 +165,10 @@ def sweep_exit_layers(
     reference_f1: float | None = None,
     full_depth_latency_ms: float | None = None,
 ) -> ThresholdSweep:
-    """Score given exit layers [T, N] (from any policy: e.g. patience 1..K via ``simulate_exits``)."""
+    """Score given exit layers [T, N] (from any policy: e.g. patience 1..K via ``simulate_exits``).
+
+    ``layer_latency_ms`` may be [K] (every question pays the same) or [K, N] (each question its
+    own, e.g. a skimmed model's later layers scaled by the share of tokens it kept)."""
     f1 = _checked_f1(per_layer_f1)
     k_layers, n = f1.shape
     exits = np.asarray(exit_layers, dtype=np.int64)
@@ -174,18 +177,19 @@ def sweep_exit_layers(
     if exits.size and (exits.min() < 1 or exits.max() > k_layers + 1):
         raise ValueError(f"exit layers must lie in 1..{k_layers + 1}")
     server_f1 = None if offload_f1 is None else _checked_vector(offload_f1, n, "offload_f1")
-    cum = _cumulative_cost(layer_latency_ms, k_layers, cumulative) + float(base_latency_ms)
+    cum = _cumulative_cost(layer_latency_ms, k_layers, cumulative, n) + float(base_latency_ms)
     offload_cost = np.broadcast_to(np.asarray(offload_latency_ms, dtype=np.float64), (n,))
     if reference_f1 is None:
         reference_f1 = 100.0 * float(np.mean(server_f1 if server_f1 is not None else f1[-1]))
-    full = float(cum[-1]) if full_depth_latency_ms is None else float(full_depth_latency_ms)
+    full = float(np.mean(cum[-1])) if full_depth_latency_ms is None else float(full_depth_latency_ms)
 
     done = exits <= k_layers
     layers = np.minimum(exits, k_layers)
     scored = np.take_along_axis(f1, layers - 1, axis=0) if exits.size else np.empty((0, n))
     if server_f1 is not None:
         scored = np.where(done, scored, server_f1[None, :])
-    latency = cum[layers - 1] + (np.where(done, 0.0, offload_cost[None, :]) if server_f1 is not None else 0.0)
+    paid = cum[layers - 1] if cum.ndim == 1 else cum[layers - 1, np.arange(n)[None, :]]
+    latency = paid + (np.where(done, 0.0, offload_cost[None, :]) if server_f1 is not None else 0.0)
     mean_latency = latency.mean(axis=1) if n else np.zeros(len(exits))
     return ThresholdSweep(
         parameter=parameter,
@@ -222,14 +226,20 @@ def _checked_vector(values: np.ndarray, n: int, name: str) -> np.ndarray:
     return v
 
 
-def _cumulative_cost(layer_latency_ms: np.ndarray | None, k_layers: int, cumulative: bool) -> np.ndarray:
+def _cumulative_cost(
+    layer_latency_ms: np.ndarray | None, k_layers: int, cumulative: bool, n: int | None = None
+) -> np.ndarray:
+    """Cost of layers 1..k: [K], or [K, N] when ``layer_latency_ms`` is per question."""
     if layer_latency_ms is None:
         return np.arange(1, k_layers + 1, dtype=np.float64)
     cost = np.asarray(layer_latency_ms, dtype=np.float64)
-    if cost.shape != (k_layers,) or not np.isfinite(cost).all() or (cost < 0).any():
-        raise ValueError(f"layer latencies must be {k_layers} finite values ≥ 0, got {cost!r}")
-    cum = cost if cumulative else np.cumsum(cost)
-    if np.any(np.diff(cum) < 0):
+    if cost.shape not in {(k_layers,), (k_layers, n)} or not np.isfinite(cost).all() or (cost < 0).any():
+        raise ValueError(
+            f"layer latencies must be {k_layers} finite values ≥ 0 (or [{k_layers}, {n}] per question), "
+            f"got shape {cost.shape}"
+        )
+    cum = cost if cumulative else np.cumsum(cost, axis=0)
+    if np.any(np.diff(cum, axis=0) < 0):
         raise ValueError("cumulative layer latencies must not decrease")
     return cum
 

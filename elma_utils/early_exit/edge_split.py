@@ -55,11 +55,15 @@ def evaluate_edge_depth(
     max_f1_loss: float = 1.0,
     seed: int = 0,
 ) -> EdgeDepthResult:
-    """Cross-fitted E_T for an edge of ``k`` layers; see the module note."""
+    """Cross-fitted E_T for an edge of ``k`` layers; see the module note.
+
+    ``layer_ms``: [K], or [K, N] per question (a skimmed bundle's later layers cost what their
+    kept tokens cost: ``skim_calibration.question_costs``)."""
     f1 = np.asarray(per_layer_f1, dtype=np.float64)[:k]
     entropy = np.asarray(per_layer_entropy, dtype=np.float64)[:k]
     server = np.asarray(server_f1, dtype=np.float64)
     cost = np.asarray(layer_ms, dtype=np.float64)[:k]
+    per_question = cost.ndim == 2
     in_a = _halves(titles, seed)
     n = f1.shape[1]
     got, latency, exits = np.zeros(n), np.zeros(n), np.zeros(n, dtype=int)
@@ -69,7 +73,7 @@ def evaluate_edge_depth(
         sweep = sweep_thresholds(
             f1[:, tune],
             entropy[:, tune],
-            cost,
+            cost[:, tune] if per_question else cost,
             offload_f1=server[tune],
             offload_latency_ms=offload_ms,
             base_latency_ms=embeddings_ms,
@@ -81,7 +85,9 @@ def evaluate_edge_depth(
         done = layers <= k
         used = np.minimum(layers, k)
         got[test] = np.where(done, f1[:, test][used - 1, np.arange(test.sum())], server[test])
-        latency[test] = embeddings_ms + np.cumsum(cost)[used - 1] + np.where(done, 0.0, offload_ms)
+        cum = np.cumsum(cost[:, test] if per_question else cost, axis=0)
+        paid = cum[used - 1, np.arange(test.sum())] if per_question else cum[used - 1]
+        latency[test] = embeddings_ms + paid + np.where(done, 0.0, offload_ms)
         exits[test] = layers
     mean_ms = float(latency.mean())
     return EdgeDepthResult(
@@ -113,7 +119,7 @@ def choose_edge_depth(
     ``offload_ms``: one offload's cost (round trip + server compute), measured elsewhere;
     ``device_full_ms``: the full model on the device (default: embeddings + all layers)."""
     k_layers = np.shape(per_layer_f1)[0]
-    full = float(device_full_ms or embeddings_ms + float(np.sum(layer_ms)))
+    full = float(device_full_ms or embeddings_ms + float(np.mean(np.sum(layer_ms, axis=0))))
     rows = []
     for k in range(1, k_layers + 1):
         try:

@@ -4,7 +4,8 @@ With adaptive width (the profile's ``skim_layers``), notebook 04 builds and cali
 bundle that skims the passage after one layer and exits early (``bench.adaptive_run``) and
 records it under ``adaptive`` in its metrics; notebook 05 deploys that bundle. The system's
 E_T is then chosen on the statistics of the *skimmed* model at the bundle's keep threshold, so
-the offload decision is tuned on what the device computes. Without adaptive width (or for
+the offload decision is tuned on what the device computes, and priced at the width it runs
+(``edge_layer_costs``). Without adaptive width (or for
 another precision) it is the depth-only export of notebook 04 and the plain per-layer
 statistics.
 """
@@ -14,8 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from elma_utils import config, reporting
 from elma_utils.early_exit.skim import SkimHead
+from elma_utils.early_exit.skim_calibration import question_costs
 from elma_utils.export.bundle import MANIFEST
 
 RECORD = "04_edge_export_and_benchmark"  # the notebook whose metrics name the adaptive bundle
@@ -64,3 +68,15 @@ def edge_layerwise_stats(
     if head is None:
         return layerwise_dev_stats(exits_dir, version, n_questions, data_dir=data_dir)
     return skim_layerwise_dev_stats(exits_dir, head, version, [head.tau], n_questions, data_dir)[head.tau]
+
+
+def edge_layer_costs(bundle: Path, stats: dict, layer_ms: list[float]) -> np.ndarray:
+    """Per-layer cost of each question as ``bundle`` runs it: [K] for a depth-only bundle, [K, Q]
+    when it skims (layers after the head's cost ``kept_share`` of their full-width time, the
+    cost model of ``skim_calibration``), so the system's E_T sweep prices the width it saves."""
+    cost = np.asarray(layer_ms, dtype=np.float64)
+    head = bundle_skim(bundle)
+    if head is None:
+        return cost
+    cumulative = question_costs(cost, np.asarray(stats["kept_share"]), head.layer)
+    return np.diff(cumulative, axis=0, prepend=0.0)
