@@ -32,7 +32,8 @@ model_dir = finetune(P, data_dir=data_dir, verbose=0)
 m03 = REPORTS / "metrics" / "03_early_exit.json"
 best = json.loads(m03.read_text())["best_mode"] if m03.is_file() else "distill"
 exits_dir = ee.train_exits_for_profile(model_dir, best, P, data_dir)
-# notebook 04's depth-only export: a growth round retrains exits (and layers), not the skim head
+# notebook 04's depth-only export, so both targets start from the same edge: `exits+layers` retrains the
+# layers a skim head reads, which publish refuses for a skimming bundle; `exits` carries the head
 bundle = depth_only_bundle(model_dir, precision)
 run = config.artifacts_dir() / f"{model_dir.name}-growth"
 

@@ -23,6 +23,7 @@ from ssh_helpers import make_keys, pin
 from sync_helpers import file_entry, fill_store, republish_manifest, server_view
 
 from elma_utils.early_exit.experiment import load_exits_model_from
+from elma_utils.early_exit.skim import SkimHead
 from elma_utils.edge.runtime import EdgeModel
 from elma_utils.edge.ssh_client import SSHTunnelClient
 from elma_utils.edge.ssh_keys import generate_ed25519_key, load_private_key
@@ -242,6 +243,41 @@ def test_retrained_edge_gets_its_own_e_t_from_calibration_questions(server, dev_
     published = json.loads((publish.bundles_dir(root) / r.version / "thresholds.json").read_text())
     assert published == {"policy": "entropy", "E_T": cal["E_T"], "rule": "max"}
     assert json.loads((Path(r.run_dir) / "report.json").read_text())["recalibration"] == cal
+
+
+def test_a_skimming_edge_keeps_its_skim_head_through_retraining(server, dev_v11, minilm_tokenizer, tmp_path):
+    """Adaptive width survives the growth loop: retraining the exit heads carries the published
+    bundle's skim head (same weights, same keep rule) into the candidate, whose E_T is chosen on
+    skimmed statistics; a mode that retrains the layers the head reads is refused before training."""
+    edge, _, _ = load_exits_model_from(server["full"], 2)
+    hidden = int(edge.backbone.hidden_dim)
+    w = np.random.default_rng(5).normal(size=hidden).astype(np.float32) / np.sqrt(hidden)
+    head = SkimHead(w, -2.0, layer=1, block=8, tau=0.5)
+    bundle = write_bundle(
+        edge, minilm_tokenizer, tmp_path / "skim-bundle", seq_len=SEQ, precision="float32",
+        thresholds={"policy": "entropy", "E_T": E_T, "rule": "max"}, model_version="tiny-edge-skim",
+        doc_stride=STRIDE, max_query_len=QUERY, skim=head,
+    )  # fmt: skip
+    root = tmp_path / "server_root"
+    first = publish.publish_bundle(bundle, root, exits_dir=server["root"] / publish.EXITS_DIR / server["v1"])
+    with pytest.raises(publish.PublishError, match="retrains the layers its skim head reads"):
+        publish.retrain_edge(server["store"], root, mode="joint_distill")
+    assert not (root / publish.RUNS_DIR).exists() or not any((root / publish.RUNS_DIR).iterdir())
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(examples_to_squad_json(dev_v11.examples[340:370])))
+    r = publish.retrain_edge(
+        server["store"], root, epochs=1, learning_rate=1e-2, eval_fraction=0.25, batch_size=16, seed=0,
+        calibration=calibration, tolerance=100.0,
+    )  # fmt: skip
+    assert r.published and r.current_version == first, r.reason
+    published = publish.bundles_dir(root) / r.version
+    assert verify_bundle(published)["skim"] == verify_bundle(bundle)["skim"]
+    carried = SkimHead.load(published / "skim.npz")
+    np.testing.assert_array_equal(carried.w, head.w)
+    assert carried.settings() == head.settings() and r.recalibration["skimmed"] == head.settings()
+    runtime = EdgeModel.load(published)
+    assert runtime.skim is not None and runtime.skim.settings() == head.settings()
+    assert 1 <= runtime.answer(QUESTION, CONTEXT).exit_layer <= 2
 
 
 def test_retrain_without_stored_questions_keeps_the_current_version(server, tmp_path):

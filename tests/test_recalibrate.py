@@ -6,11 +6,13 @@ that picks E_T must predict what the exported edge runtime then does on the same
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from qa_fixtures import TINY_WINDOWS, save_tiny_artifact
 
 from elma_utils.early_exit.experiment import load_exits_model_from
 from elma_utils.early_exit.recalibrate import NOT_RECALIBRATED, recalibrate_entropy_threshold
+from elma_utils.early_exit.skim import SkimHead
 from elma_utils.export.bundle import read_thresholds, write_bundle
 from elma_utils.server.publish import EvalSet, evaluate_bundle
 
@@ -58,6 +60,30 @@ def test_new_e_t_meets_the_target_and_the_edge_runtime_does_what_the_replay_said
     measured = evaluate_bundle(bundle, [EvalSet("calibration", questions, dev_v11.raw, "1.1")])
     assert measured["avg_exit_layer"] == pytest.approx(report["avg_exit_layer"], abs=1e-9)
     assert measured["f1"] == pytest.approx(report["f1"], abs=1e-6)
+
+
+def test_a_skimming_edge_is_recalibrated_on_what_its_runtime_computes(edge, questions, dev_v11, tmp_path):
+    """With the bundle's skim head, the replay skims after layer 1 as the runtime does: the
+    skimming bundle with the new E_T exits and scores exactly as the replay said."""
+    multi, tokenizer = edge
+    hidden = int(multi.backbone.hidden_dim)
+    w = np.random.default_rng(5).normal(size=hidden) / np.sqrt(hidden)
+    head = SkimHead(w.astype(np.float32), -2.0, layer=1, block=8, tau=0.5)  # keeps a minority of blocks
+    new, report = recalibrate_entropy_threshold(
+        multi, tokenizer, questions, dev_v11.raw, "1.1", OLD, max_f1_loss=0.0, skim=head, **WINDOWS
+    )
+    assert report["status"] == "recalibrated" and report["skimmed"] == head.settings()
+    bundle = write_bundle(
+        multi, tokenizer, tmp_path / "bundle", precision="float32", thresholds=new, model_version="t",
+        skim=head, **WINDOWS,
+    )  # fmt: skip
+    measured = evaluate_bundle(bundle, [EvalSet("calibration", questions, dev_v11.raw, "1.1")])
+    assert measured["avg_exit_layer"] == pytest.approx(report["avg_exit_layer"], abs=1e-9)
+    assert measured["f1"] == pytest.approx(report["f1"], abs=1e-6)
+    _, plain = recalibrate_entropy_threshold(
+        multi, tokenizer, questions, dev_v11.raw, "1.1", OLD, max_f1_loss=0.0, **WINDOWS
+    )
+    assert plain["skimmed"] is None and plain["full_depth_f1"] != report["full_depth_f1"]  # it did skim
 
 
 @pytest.mark.parametrize(

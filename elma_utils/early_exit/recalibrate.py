@@ -35,8 +35,12 @@ def recalibrate_entropy_threshold(
     doc_stride: int = 128,
     max_query_len: int = 64,
     max_f1_loss: float = 1.0,
+    skim: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(thresholds with the new E_T, what was measured)`` for a MultiExitQAModel.
+
+    ``skim``: the bundle's ``SkimHead``; the exits are then measured as the bundle runs them,
+    skimmed after the head's layer at its tau, so E_T fits what the device computes.
 
     Only the plain entropy policy on SQuAD v1.1-style questions is re-chosen; a patience
     policy or SQuAD 2.0 no-answer settings are returned unchanged with the reason in the
@@ -60,7 +64,13 @@ def recalibrate_entropy_threshold(
     if not examples:
         raise ValueError("no calibration questions: pass held-out SQuAD questions to re-choose E_T")
     feats = build_features(list(examples), tokenizer, seq_len, doc_stride, max_query_len, progress=False)
-    start, end = predict_exit_logits(multi, feats, progress=False)
+    if skim is None:
+        start, end = predict_exit_logits(multi, feats, progress=False)
+    else:
+        from elma_utils.early_exit.skim_model import skim_exit_logits
+
+        skimmed = skim_exit_logits(multi, feats, skim, progress=False)[skim.tau]
+        start, end = skimmed["start"], skimmed["end"]
     stats = layerwise_question_stats(
         list(examples),
         feats,
@@ -83,6 +93,7 @@ def recalibrate_entropy_threshold(
         "f1": float(point.f1),
         "full_depth_f1": float(sweep.reference_f1),
         "avg_exit_layer": float(point.avg_exit_layer),
+        "skimmed": None if skim is None else skim.settings(),
     }
     return {**thresholds, "E_T": e_t}, report
 

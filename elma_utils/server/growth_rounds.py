@@ -61,8 +61,8 @@ ROUND_KEYS = (
 
 def register_retrain_target(name: str, **retrain_options: Any) -> None:
     """Add a target: ``retrain_edge`` keyword arguments (``mode`` at least). The hook for what
-    other parts of the edge learn to retrain (the adaptive-width skim head: a target whose
-    options train it, once ``retrain_edge`` can)."""
+    other parts of the edge learn to retrain (a skimming bundle keeps its skim head through
+    ``exits``; a target that retrains the head with the layers it reads would go here)."""
     if "mode" not in retrain_options:
         raise ValueError(f"retrain target {name!r} needs a mode")
     RETRAIN_TARGETS[name] = dict(retrain_options)

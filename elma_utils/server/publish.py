@@ -513,10 +513,11 @@ def _grown_data(
 def _train_candidate(
     exits: Path, full_model_dir, manifest: dict, thresholds: dict, examples: list, run_dir: Path, *,
     mode: str, epochs: float, learning_rate: float, batch_size: int, seed: int, verbose,
-    calibration: EvalSet | None = None, max_f1_loss: float = 1.0,
+    calibration: EvalSet | None = None, max_f1_loss: float = 1.0, skim=None,
 ) -> tuple[Path, Path, dict, dict]:  # fmt: skip
     """Train from the current exits; returns (candidate bundle, its exits artifact, training
-    stats, the E_T recalibration report — empty without ``calibration``)."""
+    stats, the E_T recalibration report — empty without ``calibration``). ``skim``: the current
+    bundle's skim head, carried into the candidate (its E_T chosen on skimmed statistics)."""
     import keras
 
     from elma_utils.export.bundle import write_bundle
@@ -543,7 +544,7 @@ def _train_candidate(
 
         thresholds, recalibration = recalibrate_entropy_threshold(
             multi, tokenizer, calibration.examples, calibration.raw, calibration.version, thresholds,
-            seq_len=seq_len, max_f1_loss=max_f1_loss, **windows,
+            seq_len=seq_len, max_f1_loss=max_f1_loss, skim=skim, **windows,
         )  # fmt: skip
     exits_out = save_exits(
         multi, full, run_dir / "exits", mode=mode, init_exits=str(exits), train=stats, epochs=epochs,
@@ -552,9 +553,29 @@ def _train_candidate(
     bundle = write_bundle(
         multi, tokenizer, run_dir / "candidate", seq_len=seq_len, precision=manifest["precision"],
         thresholds=thresholds, model_version=f"candidate-{run_dir.name}",
-        dynamic_length=bool(manifest.get("dynamic_length", True)), **windows,
+        dynamic_length=bool(manifest.get("dynamic_length", True)), skim=skim, **windows,
     )  # fmt: skip
     return bundle, exits_out, stats, recalibration
+
+
+def skim_head_kept(bundle: Path, manifest: dict, mode: str):
+    """The skim head a retrained candidate of ``bundle`` keeps (None: the bundle skims nothing).
+
+    A head reads the hidden states of its layer, so it stays valid only while the layers up to
+    it are not trained: retraining the exit heads (``distill``, ``two_stage``) keeps it; a mode
+    that trains the backbone is refused before any training, rather than publishing an edge
+    that silently lost its adaptive width."""
+    from elma_utils.edge.runtime import skim_from_manifest
+    from elma_utils.model.multi_exit import BACKBONE_TRAINING_MODES
+
+    head = skim_from_manifest(bundle, manifest)
+    if head is not None and mode in BACKBONE_TRAINING_MODES:
+        raise PublishError(
+            f"{bundle.name} skims the passage after layer {head.layer}; mode {mode!r} retrains the layers its "
+            "skim head reads: retrain the exit heads only (mode 'distill', growth target 'exits') or publish "
+            "a bundle without skimming first"
+        )
+    return head
 
 
 def publish_candidate(server_root: Path, based_on: str, candidate: Path, exits: Path, notes: dict) -> str:
@@ -632,6 +653,7 @@ def retrain_edge(
         )
     current = bundles_dir(server_root) / pointer.version
     manifest = verify_bundle(current)
+    skim = skim_head_kept(current, manifest, mode)
     exits = Path(current_exits) if current_exits else server_root / EXITS_DIR / pointer.version
     run_dir = server_root / RUNS_DIR / f"run-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{os.urandom(2).hex()}"
     run_dir.mkdir(parents=True)
@@ -663,7 +685,7 @@ def retrain_edge(
     candidate, candidate_exits, result.train, result.recalibration = _train_candidate(
         exits, full_model_dir, manifest, for_new_weights(read_thresholds(current)), data.train, run_dir, mode=mode,
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed, verbose=verbose,
-        calibration=calibration_set, max_f1_loss=max_f1_loss,
+        calibration=calibration_set, max_f1_loss=max_f1_loss, skim=skim,
     )  # fmt: skip
     try:
         if price_offloads:
