@@ -288,6 +288,11 @@ def get_profile(name: str | None = None) -> Profile:
     return profile
 
 
+def full_model_dir(profile: Profile) -> Path:
+    """Where ``model.finetune`` keeps a profile's full QA model (``artifacts/<backbone>-<profile>``)."""
+    return artifacts_dir() / f"{profile.backbone}-{profile.name}"
+
+
 def reports_dir_for(profile: str) -> Path:
     """Where a profile's reports go: reports/ for the default profile (committed results),
     reports/profiles/<name>/ for the others, so a smoke run never overwrites real numbers."""

@@ -9,7 +9,7 @@ import pytest
 
 from elma_utils import reporting
 from elma_utils.early_exit.skim import SkimHead
-from elma_utils.export.deployed_bundle import deployed_bundle, depth_only_bundle, edge_layer_costs
+from elma_utils.export.deployed_bundle import deployed_bundle, depth_only_bundle, edge_layer_costs, main
 
 
 @pytest.fixture
@@ -76,3 +76,19 @@ def test_a_skimming_bundle_prices_the_layers_after_its_head_at_the_kept_share(tm
     )
     assert cost.shape == (3, 2)
     np.testing.assert_allclose(cost, [[2.0, 2.0], [1.5, 0.6], [2.0, 0.8]])
+
+
+def test_the_command_prints_the_bundle_a_profile_deploys(places, tmp_path, monkeypatch, capsys):
+    reports, _ = places
+    monkeypatch.setenv("ELMA_REPORTS_DIR", str(reports))
+    assert main(["--profile", "smoke"]) == 2  # notebook 04 has not run
+    assert "04_edge_export_and_benchmark.ipynb first" in capsys.readouterr().err
+    adaptive = _bundle(
+        tmp_path / "artifacts" / "tiny-bert-smoke-exits-distill" / "adaptive" / "edge" / "int8", 1
+    )
+    _record(reports, {"bundle": str(adaptive), "skim_layer": 1})
+    assert main(["--profile", "smoke"]) == 0
+    assert capsys.readouterr().out.strip() == str(adaptive)
+    assert main(["--profile", "smoke", "--precision", "float16"]) == 2  # the depth-only export is not there
+    assert "tiny-bert-smoke-edge/float16 has no manifest.json" in capsys.readouterr().err
+    assert main(["--profile", "nope"]) == 2 and "unknown profile 'nope'" in capsys.readouterr().err

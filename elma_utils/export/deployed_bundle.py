@@ -8,11 +8,17 @@ the offload decision is tuned on what the device computes, and priced at the wid
 (``edge_layer_costs``). Without adaptive width (or for
 another precision) it is the depth-only export of notebook 04 and the plain per-layer
 statistics.
+
+    python -m elma_utils.export.deployed_bundle [--profile cpu] [--precision int8]
+
+prints the bundle a profile's pipeline deploys (what to give ``elma publish bundle``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +86,27 @@ def edge_layer_costs(bundle: Path, stats: dict, layer_ms: list[float]) -> np.nda
         return cost
     cumulative = question_costs(cost, np.asarray(stats["kept_share"]), head.layer)
     return np.diff(cumulative, axis=0, prepend=0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Print the edge bundle a profile's pipeline deploys.")
+    p.add_argument("--profile", default=None, help="pipeline profile (default: $ELMA_PROFILE or cpu)")
+    p.add_argument("--precision", default=ADAPTIVE_PRECISION, choices=("float32", "float16", "int8"))
+    args = p.parse_args(argv)
+    try:
+        profile = config.get_profile(args.profile)
+        bundle = deployed_bundle(
+            config.full_model_dir(profile), args.precision, config.reports_dir_for(profile.name)
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"deployed_bundle: {err}", file=sys.stderr)
+        return 2
+    if not (bundle / MANIFEST).is_file():
+        print(f"deployed_bundle: {bundle} has no {MANIFEST}: run notebooks/{RECORD}.ipynb", file=sys.stderr)
+        return 2
+    print(bundle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,7 +88,7 @@ def finetune(
     verbose: int | str = "auto",
 ) -> Path:
     """Train (or resume, or skip when finished) the full QA model; returns its artifact dir."""
-    name = name or f"{profile.backbone}-{profile.name}"
+    name = name or cfg.full_model_dir(profile).name
     out = Path(out_dir or cfg.artifacts_dir() / name)
     if (out / artifacts.WEIGHTS_FILE).is_file():
         print(f"{out} is already trained; delete it (or pass another --name) to train again")
