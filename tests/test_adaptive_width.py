@@ -440,6 +440,11 @@ def test_adaptive_benchmark_runs_end_to_end(setup, head, minilm_tokenizer, tmp_p
             o = dev["oracle"][bound]
             assert o["speedup"] >= 1.0 and o["f1"] >= dev["full_f1"] - 1e-6
         assert dev["oracle"]["depth_width"]["speedup"] >= dev["oracle"]["depth_only"]["speedup"] - 1e-9
+        for bound in ("depth_only", "depth_width"):  # a 1-F1 budget can only widen the zero-loss oracle
+            b = dev["oracle"][f"{bound}_within_budget"]
+            assert b["reachable"] and b["f1"] >= dev["full_f1"] - 1.0 - 1e-6
+            assert b["speedup_upper_bound"] >= b["speedup_achieved"] - 1e-9
+            assert b["speedup_upper_bound"] >= dev["oracle"][bound]["speedup"] - 1e-4  # 4 decimals
         assert dev["frontier"]["depth_only"] and dev["frontier"]["both"]
         preds = json.loads((tmp_path / "pred" / f"adaptive-predictions-{name}.json").read_text())
         details = json.loads((tmp_path / "pred" / f"adaptive-details-{name}.json").read_text())

@@ -144,7 +144,35 @@ def test_adaptive_compute_has_its_own_section_with_the_paper_table(tmp_path: Pat
         "| device program, adaptive bundle against its full-compute copy (typed, p50) | edge 1.25×, CPU time "
         "1.20×, end to end 1.10× (offloaded: 10.0 % against 100.0 %); 40 questions |" in body
     )
-    assert "| oracle bound, depth + width, dev-v1.1 | 2.60× at F1 76.00 (3.10 layers) |" in body
+    assert (
+        "| oracle bound, depth + width, dev-v1.1: at zero loss; within 1 F1 | 2.60× at F1 76.00 (3.10 layers) |"
+        in body
+    )
+    recipes = [{"name": name, "mode": mode, "full_f1_minus_reference": delta, "calibrated": {"both": {
+        "speedup_cost_model": speed, "f1_loss_vs_reference": loss}}, "oracle_vs_reference": {
+        "depth_width_within_budget": {"reachable": True, "speedup_upper_bound": bound}}}
+        for name, mode, delta, speed, loss, bound in (("ref", "distill", 0.0, 1.17, 1.51, 2.15),
+                                                      ("joint", "joint_distill", -1.57, 1.35, 3.1, 2.29))]  # fmt: skip
+    reporting.save_metrics("bench_exits_recipes", {"recipes": recipes}, tmp_path)
+    dev["oracle"]["depth_width_within_budget"] = {
+        "reachable": True,
+        "speedup_upper_bound": 2.9,
+        "speedup_achieved": 2.8,
+        "f1": 75.0,
+    }
+    reporting.save_metrics(
+        "bench_adaptive", {"dev_sets": {"dev-v1.1": dev, "dev-v2.0": _config(1.2, 0.5, 5.6, 0.95)}}, tmp_path
+    )
+    text, body = section()
+    assert (
+        "| oracle bound, depth + width, dev-v1.1: at zero loss; within 1 F1 | 2.60× at F1 76.00 (3.10 layers); "
+        "≤ 2.90× (an assignment reaching 2.80× at F1 75.00) |" in body
+    )
+    assert (
+        "distill (ref): full depth +0.00, depth + width 1.17× at −1.51, bound ≤ 2.15×; joint_distill (joint): "
+        "full depth −1.57, depth + width 1.35× at −3.10, bound ≤ 2.29× |" in body
+    )
+    assert sections.group_key("bench_exits_recipes") == "adaptive"
     assert "| Block-Skim | SQuAD | 3× (paper) |" in body and "(metrics/bench_adaptive.md)" in body
     assert (
         "bench_device" not in body and "## Benchmarks outside the notebooks" in text

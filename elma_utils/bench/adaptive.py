@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from elma_utils.bench.adaptive_report import (
+    budget_oracle,
     cumulative_ms,
     entropy_frontier,
     markdown_table,
@@ -50,6 +51,7 @@ from elma_utils.report import provenance
 
 CONFIGS = ("full", "depth_only", "width_only", "both")
 VERSIONS = ("1.1", "2.0")
+MAX_F1_LOSS = 1.0  # the budget, for the oracle bound within it
 PREDICTIONS_NAME = "adaptive-predictions-dev-v{version}.json"
 DETAILS_NAME = "adaptive-details-dev-v{version}.json"
 
@@ -203,13 +205,13 @@ def bench_dev_set(edge, version: str, data_dir: Path | None, limit: int | None, 
     cost_full = np.stack([cumulative_ms(a.embeddings_ms, a.layer_ms) for a in full_answers], axis=1)
     cost_skim = np.stack([cumulative_ms(a.embeddings_ms, a.layer_ms) for a in skim_answers], axis=1)
     reference, ref_cost = per_q["full"], cost_full[-1]
+    depth = {"full width": (f1_full_layers, cost_full)}
+    depth_width = {**depth, "skim": (f1_skim_layers, cost_skim)}
     result["oracle"] = {
-        "depth_only": oracle(reference, {"full width": (f1_full_layers, cost_full)}, ref_cost),
-        "depth_width": oracle(
-            reference,
-            {"full width": (f1_full_layers, cost_full), "skim": (f1_skim_layers, cost_skim)},
-            ref_cost,
-        ),  # fmt: skip
+        "depth_only": oracle(reference, depth, ref_cost),
+        "depth_width": oracle(reference, depth_width, ref_cost),
+        "depth_only_within_budget": budget_oracle(reference, depth, ref_cost, MAX_F1_LOSS),
+        "depth_width_within_budget": budget_oracle(reference, depth_width, ref_cost, MAX_F1_LOSS),
         "cost": "measured LiteRT time per layer (embeddings + parts + skim), per question",
     }
     ent_full = np.array([a.entropies for a in full_answers]).T

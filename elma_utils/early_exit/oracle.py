@@ -10,6 +10,10 @@ The oracle solves: choose one exit layer per question to minimise the summed cos
 multiple-choice knapsack; its Lagrangian dual gives a *lower* bound on the cost (hence an
 upper bound on the speed-up) and the primal pick at the dual optimum gives an achievable
 oracle assignment (a lower bound on the best oracle speed-up). Both are reported.
+
+``oracle_option_bound`` solves the same problem over any options per question with their own
+costs: the layers at full width and the layers after skimming at each keep threshold, each
+priced per question (adaptive width), so the bound covers depth and width together.
 """
 
 from __future__ import annotations
@@ -54,27 +58,58 @@ def oracle_exit_bound(
             raise ValueError(f"layer_latency_ms must be {k_layers} finite values ≥ 0, got {layer_cost!r}")
     cost = float(embeddings_ms) + np.cumsum(layer_cost)  # [K]
     reference = 100.0 * f1[-1].mean() if reference_f1 is None else float(reference_f1)
-    need = n * (reference - max_f1_loss) / 100.0  # summed F1 the exits must keep
+    out = oracle_option_bound(
+        f1, np.broadcast_to(cost[:, None], f1.shape), reference, max_f1_loss, iterations=iterations
+    )
+    out["cost_unit"] = "layers" if layer_latency_ms is None else "ms"
+    if out["reachable"]:
+        layers = out.pop("options") - 1
+        out["avg_exit_layer"] = round(float(layers.mean() + 1), 4)
+        out["layer_share"] = (np.bincount(layers, minlength=k_layers) / n).round(4).tolist()
+        out["exit_layers"] = layers + 1
+    return out
+
+
+def oracle_option_bound(
+    f1: np.ndarray,
+    cost: np.ndarray,
+    reference_f1: float,
+    max_f1_loss: float = 1.0,
+    full_cost: np.ndarray | None = None,
+    iterations: int = 100,
+) -> dict[str, Any]:
+    """The oracle over any options per question: F1 ``f1`` [M, N] (0..1) and cost ``cost`` [M, N]
+    of answering question n with option m (an exit layer at full width, or a layer after
+    skimming at some tau, ...). Mean F1 must stay ≥ ``reference_f1`` (percent) − ``max_f1_loss``.
+    ``full_cost`` [N] defaults to the last option's (the full model). Returns ``reachable``,
+    ``f1``, ``speedup_achieved`` / ``speedup_upper_bound`` (see the module note) and ``options``
+    [N], the 1-based option the achievable assignment picks per question."""
+    f1, cost = np.asarray(f1, dtype=np.float64), np.asarray(cost, dtype=np.float64)
+    if cost.shape != f1.shape:
+        raise ValueError(f"cost {cost.shape} and f1 {f1.shape} must both be [M, N]")
+    if not max_f1_loss >= 0:
+        raise ValueError(f"max_f1_loss must be ≥ 0, got {max_f1_loss}")
+    m_options, n = f1.shape
+    full = np.asarray(cost[-1] if full_cost is None else full_cost, dtype=np.float64)
+    need = n * (float(reference_f1) - max_f1_loss) / 100.0  # summed F1 the choices must keep
     cols = np.arange(n)
 
     def pick(lam: float) -> np.ndarray:
-        # per question: the layer with the least cost − λ·F1; ties go to the deeper layer (more F1)
-        score = cost[:, None] - lam * f1
-        return k_layers - 1 - np.argmin(score[::-1], axis=0)
+        # per question: the option with the least cost − λ·F1; ties go to the later option (more F1)
+        return m_options - 1 - np.argmin((cost - lam * f1)[::-1], axis=0)
 
     def dual(lam: float) -> float:
-        return float((cost[:, None] - lam * f1).min(axis=0).sum() + lam * need)
+        return float((cost - lam * f1).min(axis=0).sum() + lam * need)
 
     best_possible = f1.max(axis=0).sum()
-    if best_possible < need - 1e-9:  # not even the best layer per question keeps the budget
+    if best_possible < need - 1e-9:  # not even the best option per question keeps the budget
         return {
-            "reference_f1": round(float(reference), 4),
+            "reference_f1": round(float(reference_f1), 4),
             "max_f1_loss": float(max_f1_loss),
             "reachable": False,
             "best_f1": round(100.0 * float(best_possible) / n, 4),
             "speedup_achieved": None,
             "speedup_upper_bound": None,
-            "cost_unit": "layers" if layer_latency_ms is None else "ms",
         }
     lo, hi = 0.0, 1.0
     while f1[pick(hi), cols].sum() < need - 1e-9:  # grow λ until the pick is feasible
@@ -87,23 +122,20 @@ def oracle_exit_bound(
             hi = mid
         else:
             lo = mid
-    layers = _fill_budget(pick(hi), pick(lo), f1, cost, need)
-    achieved_cost = float(cost[layers].sum())
+    chosen = _fill_budget(pick(hi), pick(lo), f1, cost, need)
+    achieved_cost = float(cost[chosen, cols].sum())
     # the dual is concave in λ: its maximum over the bracket is a lower bound on any feasible cost
     grid = np.linspace(lo, hi, 33)
-    lower_cost = max(max(dual(x) for x in grid), float(n * cost[0]))
-    full_cost = n * float(cost[-1])
+    lower_cost = max(max(dual(x) for x in grid), float(cost.min(axis=0).sum()))
+    full_cost_sum = float(full.sum())
     return {
-        "reference_f1": round(float(reference), 4),
+        "reference_f1": round(float(reference_f1), 4),
         "max_f1_loss": float(max_f1_loss),
         "reachable": True,
-        "f1": round(100.0 * float(f1[layers, cols].mean()), 4),
-        "avg_exit_layer": round(float(layers.mean() + 1), 4),
-        "layer_share": (np.bincount(layers, minlength=k_layers) / n).round(4).tolist(),
-        "speedup_achieved": round(full_cost / achieved_cost, 4),
-        "speedup_upper_bound": round(full_cost / min(lower_cost, achieved_cost), 4),
-        "cost_unit": "layers" if layer_latency_ms is None else "ms",
-        "exit_layers": layers + 1,
+        "f1": round(100.0 * float(f1[chosen, cols].mean()), 4),
+        "speedup_achieved": round(full_cost_sum / achieved_cost, 4),
+        "speedup_upper_bound": round(full_cost_sum / min(lower_cost, achieved_cost), 4),
+        "options": chosen + 1,
     }
 
 
@@ -118,7 +150,7 @@ def _fill_budget(feasible: np.ndarray, cheaper: np.ndarray, f1: np.ndarray, cost
     layers = feasible.copy()
     slack = f1[layers, cols].sum() - need
     moves = np.nonzero(cheaper != feasible)[0]
-    saved = cost[feasible[moves]] - cost[cheaper[moves]]
+    saved = cost[feasible[moves], moves] - cost[cheaper[moves], moves]
     lost = f1[feasible[moves], moves] - f1[cheaper[moves], moves]
     for i in np.argsort(lost / np.maximum(saved, 1e-12), kind="stable"):
         q = moves[i]
