@@ -140,7 +140,7 @@ def screen(stats: dict, titles: list[str], layer_ms: np.ndarray, embeddings_ms: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from elma_utils.bench.exits_recipes import _latency
+    from elma_utils.bench.exits_recipes import cached_layer_latency
     from elma_utils.early_exit.experiment import dev_questions, layerwise_dev_stats
     from elma_utils.report import provenance
     from elma_utils.reporting import save_metrics
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-f1-loss must be ≥ 0")
     stats = layerwise_dev_stats(args.exits, "1.1", args.questions, args.data_dir)
     titles = [e.title for e in dev_questions("1.1", args.questions, args.data_dir)[1]]
-    lat = _latency(args.exits)
+    lat = cached_layer_latency(args.exits)
     policies = screen(
         stats, titles, np.asarray(lat["layer_ms"]), float(lat["embeddings_ms"]), args.max_f1_loss
     )

@@ -45,7 +45,7 @@ DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8, 0.85)
 MODES = ("depth", "width", "both")
 
 
-def _latency(exits_dir: Path) -> dict[str, Any]:
+def cached_layer_latency(exits_dir: Path) -> dict[str, Any]:
     """The per-layer batch-1 cost ``adaptive_run`` measured (measured now when missing)."""
     from elma_utils.bench.adaptive_run import latency, run_dir
     from elma_utils.early_exit.experiment import load_exits
@@ -78,7 +78,7 @@ def recipe_record(
     base = layerwise_dev_stats(exits_dir, "1.1", questions, data_dir)
     by_tau = skim_layerwise_dev_stats(exits_dir, head, "1.1", taus, questions, data_dir)
     examples = dev_questions("1.1", questions, data_dir)[1]
-    lat = _latency(exits_dir)
+    lat = cached_layer_latency(exits_dir)
     layer_ms, embed_ms = np.asarray(lat["layer_ms"]), float(lat["embeddings_ms"])
     f1 = np.asarray(base["f1"], dtype=np.float64)
     ref_full = 100 * float(np.mean(reference_f1))
