@@ -306,68 +306,6 @@ def layer_latency_ms(multi: MultiExitQAModel, seq_len: int = 384, runs: int = 20
     return {"seq_len": seq_len, "embeddings_ms": embed_ms, "layer_ms": layers}
 
 
-def measure_speedup(
-    exits_dir: Path,
-    threshold: float,
-    version: str = "1.1",
-    n_questions: int = 300,
-    offset: int = 0,
-    data_dir: Path | None = None,
-    no_answer_margin: float | None = None,
-    null_thresholds: list[float] | None = None,
-) -> dict:
-    """Wall-clock time per question at batch 1: early exit at ``threshold`` vs all layers.
-
-    The questions are ``n_questions`` from ``offset`` on, within the article of the question
-    at ``offset`` (so a threshold cross-fitted over articles stays held-out for all of them).
-    SQuAD 2.0: ``null_thresholds`` (one per layer) and ``no_answer_margin`` as calibrated by
-    ``squad2.cross_fitted_squad2_exit``; both runs use the same no-answer thresholds."""
-    from elma_utils.early_exit.policies import EntropyPolicy, NeverExit
-    from elma_utils.early_exit.runtime import EarlyExitRunner
-    from elma_utils.squad.data import load_squad
-    from elma_utils.squad.features import build_features
-    from elma_utils.squad.metrics import per_question_scores
-
-    multi, tokenizer, config, _ = load_exits(exits_dir)
-    ds = load_squad(version, "dev", data_dir=data_dir)
-    title = ds.examples[offset].title
-    examples = [e for e in ds.examples[offset:] if e.title == title][:n_questions]
-    feats = [
-        build_features(
-            [e],
-            tokenizer,
-            config["max_seq_len"],
-            config["doc_stride"],
-            config["max_query_len"],
-            progress=False,
-        )
-        for e in examples
-    ]
-    result = {}
-    early = EntropyPolicy(threshold, no_answer_margin=no_answer_margin, null_threshold=null_thresholds or 0.0)
-    for name, policy in (("full_depth", NeverExit()), ("early_exit", early)):
-        runner = EarlyExitRunner(multi, policy, null_threshold=null_thresholds)
-        for f, e in zip(feats[:5], examples[:5], strict=True):  # warm-up: trace the shapes
-            runner.run([e], f)
-        times, answers = [], {}
-        for f, e in zip(feats, examples, strict=True):
-            t0 = time.perf_counter()
-            [a] = runner.run([e], f)
-            times.append(time.perf_counter() - t0)
-            answers[e.qas_id] = (a.text, a.exit_layer)
-        scores = per_question_scores(ds.raw, {q: t for q, (t, _) in answers.items()}, version)
-        result[name] = {
-            "ms_per_question": float(np.mean(times) * 1000),
-            "p50_ms": float(np.median(times) * 1000),
-            "f1": float(100 * np.mean([scores[q][1] for q in answers])),
-            "avg_exit_layer": float(np.mean([lay for _, lay in answers.values()])),
-        }
-    result["speedup"] = result["full_depth"]["ms_per_question"] / result["early_exit"]["ms_per_question"]
-    result["questions"] = len(examples)
-    result["threshold"] = threshold
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m elma_utils.early_exit.experiment --full DIR --mode MODE [--epochs E]``: train
     exits outside the notebooks, checkpointed and resumable (e.g. a whole epoch of
