@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from elma_utils import package_deps
+from elma_utils.report.provenance import _git  # the one git runner of the report package
 
 _NOTEBOOK_RE = re.compile(r"notebooks/[\w.-]+\.ipynb")
 _MODULE_RE = re.compile(r"(?:^|\s)-m\s+([A-Za-z_][\w.]*)")
@@ -46,7 +46,6 @@ class Freshness:
     command: str
     changed: tuple[str, ...] = ()
     unjudged: str | None = None  # why no verdict is possible
-    code: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def current(self) -> bool:
@@ -105,8 +104,7 @@ def judge(metrics_file: Path, root: Path, package_dir: Path) -> Freshness:
         rel = notebook.relative_to(root).as_posix()
         if _notebook_cells_changed(root, commit, rel):
             changed.insert(0, rel)
-        paths.insert(0, rel)
-    return Freshness(metrics_file.name, commit, command, tuple(changed), None, tuple(paths))
+    return Freshness(metrics_file.name, commit, command, tuple(changed))
 
 
 def judge_all(metrics_dir: Path, root: Path, package_dir: Path) -> list[Freshness]:
@@ -136,12 +134,6 @@ def _notebook_cells_changed(root: Path, commit: str, rel: str) -> bool:
         old = Path(tmp) / Path(rel).name
         old.write_text(then, encoding="utf-8")
         return notebook_digest(old) != notebook_digest(now)
-
-
-def _git(root: Path, *args: str) -> str | None:
-    """stdout of a git command in ``root``, None when it fails."""
-    out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
-    return out.stdout if out.returncode == 0 else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
