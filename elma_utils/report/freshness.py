@@ -83,9 +83,14 @@ def command_code(command: str, root: Path, package_dir: Path) -> tuple[Path | No
 def judge(metrics_file: Path, root: Path, package_dir: Path) -> Freshness:
     """Whether the code at ``root``'s HEAD would still produce ``metrics_file`` as it is."""
     record = json.loads(metrics_file.read_text(encoding="utf-8"))
+    return judge_record(record, metrics_file.name, root, package_dir)
+
+
+def judge_record(record: dict, name: str, root: Path, package_dir: Path) -> Freshness:
+    """``judge`` of a record already read (a metrics file's or a part's, named ``name``)."""
     made = record.get("produced_by") or {}
     commit, command = made.get("commit"), made.get("command") or ""
-    verdict = Freshness(metrics_file.name, commit, command)
+    verdict = Freshness(name, commit, command)
     if not commit:
         return _unjudged(verdict, "it names no commit")
     if made.get("dirty"):
@@ -104,7 +109,7 @@ def judge(metrics_file: Path, root: Path, package_dir: Path) -> Freshness:
         rel = notebook.relative_to(root).as_posix()
         if _notebook_cells_changed(root, commit, rel):
             changed.insert(0, rel)
-    return Freshness(metrics_file.name, commit, command, tuple(changed))
+    return Freshness(name, commit, command, tuple(changed))
 
 
 def judge_all(metrics_dir: Path, root: Path, package_dir: Path) -> list[Freshness]:
