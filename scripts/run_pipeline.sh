@@ -17,4 +17,7 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
 fi
 
 bash scripts/setup.sh
+# shellcheck source=/dev/null
+source scripts/allocator.sh
+elma_preload_tcmalloc
 exec "${ELMA_VENV:-$ROOT/.venv}/bin/elma" pipeline --profile "$profile" "$@"

@@ -21,7 +21,7 @@ VENV="${ELMA_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 REQ_STAMP="$VENV/.elma-requirements.sha256"
 PKG_STAMP="$VENV/.elma-package.sha256"
-APT_PACKAGES=(openssh-server openssh-client espeak-ng sox shellcheck libsndfile1 ffmpeg binutils iproute2 qemu-user-static debootstrap)
+APT_PACKAGES=(openssh-server openssh-client espeak-ng sox shellcheck libsndfile1 ffmpeg binutils iproute2 qemu-user-static debootstrap libtcmalloc-minimal4)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {

@@ -25,6 +25,10 @@ if ! bash scripts/setup.sh; then
     exit 1
 fi
 
+# shellcheck source=/dev/null
+source scripts/allocator.sh
+elma_preload_tcmalloc
+
 RESULTS="$(mktemp -d)"
 trap 'rm -rf "$RESULTS"' EXIT
 

@@ -14,7 +14,13 @@ import pytest
 
 from elma_utils.config import PROJECT_ROOT
 
-SCRIPTS = ["scripts/setup.sh", "scripts/run_pipeline.sh", "scripts/test.sh", ".ci/run"]
+SCRIPTS = [
+    "scripts/setup.sh",
+    "scripts/run_pipeline.sh",
+    "scripts/test.sh",
+    "scripts/allocator.sh",
+    ".ci/run",
+]
 VENV = PROJECT_ROOT / ".venv"
 
 
@@ -81,7 +87,11 @@ def _fake_venv(tmp_path: Path, tools: dict[str, str]) -> Path:
 def test_run_pipeline_sets_up_then_runs_the_profile(tmp_path: Path) -> None:
     repo = _fake_repo(
         tmp_path,
-        {"scripts/run_pipeline.sh": "real", "scripts/setup.sh": "echo setup-ran\n"},
+        {
+            "scripts/run_pipeline.sh": "real",
+            "scripts/allocator.sh": "real",
+            "scripts/setup.sh": "echo setup-ran\n",
+        },
     )
     venv = _fake_venv(tmp_path, {"elma": 'echo "elma $*"'})
     env = {**os.environ, "ELMA_VENV": str(venv)}
@@ -95,9 +105,45 @@ def test_run_pipeline_sets_up_then_runs_the_profile(tmp_path: Path) -> None:
         result = _run(["bash", script, *args], env=env)
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == ["setup-ran", expected]
-    failing = _fake_repo(tmp_path / "f", {"scripts/run_pipeline.sh": "real", "scripts/setup.sh": "exit 7\n"})
+    failing = _fake_repo(
+        tmp_path / "f",
+        {"scripts/run_pipeline.sh": "real", "scripts/allocator.sh": "real", "scripts/setup.sh": "exit 7\n"},
+    )
     result = _run(["bash", str(failing / "scripts/run_pipeline.sh")], env=env)
     assert result.returncode == 7 and "elma" not in result.stdout
+
+
+def test_the_pipeline_preloads_tcmalloc_when_installed_and_not_when_told(tmp_path: Path) -> None:
+    repo = _fake_repo(
+        tmp_path,
+        {"scripts/run_pipeline.sh": "real", "scripts/allocator.sh": "real", "scripts/setup.sh": "true\n"},
+    )
+    venv = _fake_venv(tmp_path, {"elma": 'echo "preload=$LD_PRELOAD"'})
+    fake_lib = tmp_path / "lib" / "libtcmalloc_minimal.so.4"
+    fake_lib.parent.mkdir()
+    fake_lib.write_bytes(b"")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ldconfig = bin_dir / "ldconfig"  # what `ldconfig -p` lists on a machine with libtcmalloc-minimal4
+    ldconfig.write_text(f"#!/bin/sh\necho '\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {fake_lib}'\n")
+    ldconfig.chmod(0o755)
+    script = str(repo / "scripts/run_pipeline.sh")
+    env = {**os.environ, "ELMA_VENV": str(venv), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("LD_PRELOAD", None)
+    env.pop("ELMA_MALLOC", None)
+
+    result = _run(["bash", script], env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"preload={fake_lib}"
+    assert "tcmalloc preloaded" in result.stderr
+    result = _run(["bash", script], env={**env, "LD_PRELOAD": str(fake_lib)})  # not twice
+    assert result.stdout.strip() == f"preload={fake_lib}"
+    result = _run(["bash", script], env={**env, "ELMA_MALLOC": "system"})
+    assert result.stdout.strip() == "preload=" and "ELMA_MALLOC=system" in result.stderr
+    ldconfig.write_text("#!/bin/sh\necho '1 libs found in cache'\n")  # not installed
+    result = _run(["bash", script], env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "preload="
+    assert "apt-get install libtcmalloc-minimal4" in result.stderr
 
 
 TEST_FILE = """
@@ -128,7 +174,10 @@ def _notebook_checking_profile(path: Path) -> None:
 
 @pytest.mark.slow
 def test_test_sh_counts_everything_and_fails_on_no_tests(tmp_path: Path) -> None:
-    repo = _fake_repo(tmp_path, {"scripts/test.sh": "real", "scripts/setup.sh": "echo setup-ran\n"})
+    repo = _fake_repo(
+        tmp_path,
+        {"scripts/test.sh": "real", "scripts/allocator.sh": "real", "scripts/setup.sh": "echo setup-ran\n"},
+    )
     (repo / "tests").mkdir()
     (repo / "tests" / "test_sample.py").write_text(TEST_FILE)
     # the record checks run last (after the notebooks wrote what they check), not in the first run
@@ -240,6 +289,7 @@ def test_scripts_do_what_the_readme_says() -> None:
         "iproute2",  # ip netns: the two-machine test puts the device in its own namespace
         "qemu-user-static",  # the emulated TX2 (aarch64) of tests/test_device_emulation.py
         "debootstrap",  # its arm64 Debian root
+        "libtcmalloc-minimal4",  # scripts/allocator.sh preloads it: TensorFlow trains faster
     ]:
         assert pkg in setup
     assert "ipykernel install --sys-prefix --name python3" in setup
@@ -248,6 +298,9 @@ def test_scripts_do_what_the_readme_says() -> None:
     assert (
         textwrap.dedent("""\
         bash scripts/setup.sh
+        # shellcheck source=/dev/null
+        source scripts/allocator.sh
+        elma_preload_tcmalloc
         exec "${ELMA_VENV:-$ROOT/.venv}/bin/elma" pipeline --profile "$profile" "$@"
         """)
         in (PROJECT_ROOT / "scripts/run_pipeline.sh").read_text()
