@@ -48,10 +48,10 @@ def part_path(out_dir: Path, exits_dir: Path) -> Path:
     return Path(out_dir) / PARTS_DIR / f"{Path(exits_dir).name}.json"
 
 
-def settings_of(result_or_args: dict[str, Any]) -> dict[str, Any]:
+def settings_of(record: dict[str, Any]) -> dict[str, Any]:
     """What two parts must share to be merged (the reference's F1 is checked apart)."""
     keys = ("dev_set", "questions", "skim_layer", "taus", "max_f1_loss", "reference")
-    return {k: result_or_args[k] for k in keys}
+    return {k: record[k] for k in keys}
 
 
 def why_unusable(part: dict[str, Any], settings: dict[str, Any], reference_full_f1: float,
@@ -68,12 +68,12 @@ def why_unusable(part: dict[str, Any], settings: dict[str, Any], reference_full_
     return None if verdict.current else verdict.describe()
 
 
-def measure(exits_dir: Path, settings: dict[str, Any], reference_f1: np.ndarray,
+def measure(exits_dir: Path, settings: dict[str, Any], questions: int, reference_f1: np.ndarray,
             data_dir: Path | None) -> dict[str, Any]:  # fmt: skip
     """A new part for ``exits_dir``: its ``exits_recipes`` record and what it was measured on."""
-    record = er.recipe_record(exits_dir, settings["skim_layer"], settings["taus"], settings["questions_asked"],
+    record = er.recipe_record(exits_dir, settings["skim_layer"], settings["taus"], questions,
                               reference_f1, data_dir, settings["max_f1_loss"])  # fmt: skip
-    return {**{k: settings[k] for k in settings if k != "questions_asked"},
+    return {**settings,
             "reference_full_f1": 100 * float(np.mean(reference_f1)),
             "recipe": {"name": Path(exits_dir).name, **record}}  # fmt: skip
 
@@ -123,7 +123,7 @@ def run(reference: Path, exits_dirs: list[Path], skim_layer: int, taus: list[flo
                          f"({why}); run python -m elma_utils.bench.adaptive_run --exits {d} --layers {skim_layer} "
                          "(its skim head stage) and this command again")  # fmt: skip
         elif here:
-            part = measure(d, {**settings, "questions_asked": questions}, ref_f1, data_dir)
+            part = measure(d, settings, questions, ref_f1, data_dir)
             part[provenance.KEY] = {**provenance.provenance(root=root), "command": command}
             text = json.dumps(project_relative(to_jsonable(part), root), indent=2, sort_keys=True) + "\n"
             path.parent.mkdir(parents=True, exist_ok=True)
